@@ -1,0 +1,28 @@
+"""bilevel: verified hypergradient estimators on torch.func.
+
+min_λ f(w*(λ), λ)  s.t.  w*(λ) ≈ argmin_w g(w, λ); parameters and hyperparameters are pytrees.
+"""
+
+from .estimators import (
+    Checkpointed,
+    Estimator,
+    FirstOrder,
+    ForwardMode,
+    HistoryFree,
+    Implicit,
+    Truncated,
+    Unrolled,
+)
+from .hypergrad import check_result, hypergrad, proximal, solve
+from .linsolve import CG, Neumann
+from .problem import BilevelError, BilevelProblem, HypergradResult
+from .solvers import SAM, GradientDescent, InnerSolver, Momentum, SignGD
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BilevelError", "BilevelProblem", "HypergradResult", "hypergrad", "check_result", "proximal",
+    "solve", "GradientDescent", "Momentum", "SignGD", "SAM", "InnerSolver", "CG", "Neumann",
+    "Estimator", "Unrolled", "Truncated", "Checkpointed", "Implicit", "ForwardMode", "FirstOrder",
+    "HistoryFree",
+]

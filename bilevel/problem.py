@@ -1,0 +1,110 @@
+"""The bilevel problem and the result of a hypergradient computation.
+
+.. math::  \\min_\\lambda F(\\lambda) = f(w^*(\\lambda), \\lambda)
+           \\quad\\text{s.t.}\\quad w^*(\\lambda) \\approx \\arg\\min_w g(w, \\lambda)
+
+``g`` is the inner (lower-level) loss, ``f`` the outer (upper-level) loss; both take
+``(params, hparams, batch)`` and return a scalar. Parameters ``w`` and hyperparameters
+``lambda`` are pytrees of floating tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._pytree import register_pytree_node
+
+from .pytree import PyTree, tree_paths
+
+Loss = Callable[[PyTree, PyTree, Any], torch.Tensor]
+
+
+class BilevelError(ValueError):
+    """Bad input to the bilevel machinery (the message names the problem and the leaf)."""
+
+
+@dataclass(frozen=True)
+class BilevelProblem:
+    """``inner_loss`` = g(w, λ, batch), ``outer_loss`` = f(w, λ, batch), ``init`` = w_0(λ).
+
+    ``init`` is for problems whose inner start point depends on the hyperparameters (MAML-type:
+    ``init=lambda h: h``). Leave it ``None`` and pass ``params0`` to :func:`bilevel.hypergrad`
+    when the start point is fixed (hyperparameter optimisation).
+    """
+
+    inner_loss: Loss
+    outer_loss: Loss
+    init: Callable[[PyTree], PyTree] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("inner_loss", "outer_loss"):
+            if not callable(getattr(self, name)):
+                raise BilevelError(f"BilevelProblem.{name} must be callable, got "
+                                   f"{type(getattr(self, name)).__name__}")
+        if self.init is not None and not callable(self.init):
+            raise BilevelError("BilevelProblem.init must be callable (hparams -> params) or None")
+
+    def start(self, hparams: PyTree, params0: PyTree | None) -> PyTree:
+        """w_0: ``init(hparams)`` or the given ``params0``; exactly one must be available."""
+        if self.init is not None and params0 is not None:
+            raise BilevelError("give either problem.init or params0, not both "
+                               "(init(hparams) already defines the start point)")
+        if self.init is None and params0 is None:
+            raise BilevelError("no start point: pass params0=... or define problem.init")
+        params = self.init(hparams) if self.init is not None else params0
+        check_floating(params, "params0" if self.init is None else "init(hparams)")
+        return params
+
+
+@dataclass
+class HypergradResult:
+    """``grad``: pytree like hparams, dF/dλ as the estimator defines it; ``params``: w_K;
+    ``outer_loss``: f(w_K, λ); ``info``: tensors (inner-loss trace, linear-solve residual...)."""
+
+    grad: PyTree
+    params: PyTree
+    outer_loss: torch.Tensor
+    info: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+register_pytree_node(
+    HypergradResult,
+    lambda r: ([r.grad, r.params, r.outer_loss, r.info], None),
+    lambda c, _: HypergradResult(*c),
+)
+
+
+def check_floating(tree: PyTree, what: str) -> None:
+    """Every leaf must be a floating-point tensor; the error names the offending leaf."""
+    pairs = tree_paths(tree)
+    if not pairs:
+        raise BilevelError(f"{what} is empty: expected a pytree of floating tensors")
+    for path, leaf in pairs:
+        name = f"{what}{path}"
+        if not isinstance(leaf, torch.Tensor):
+            raise BilevelError(f"{name} is a {type(leaf).__name__}, expected a floating tensor "
+                               f"(wrap numbers with torch.tensor(..., dtype=torch.float64))")
+        if not leaf.is_floating_point():
+            raise BilevelError(f"{name} has dtype {leaf.dtype}: hyperparameters and parameters "
+                               f"must be floating tensors to be differentiable")
+
+
+def call_loss(fn: Loss, name: str, params: PyTree, hparams: PyTree, batch: Any) -> torch.Tensor:
+    """Evaluate a loss, turning structure mismatches and non-scalar outputs into clear errors."""
+    try:
+        out = fn(params, hparams, batch)
+    except (KeyError, IndexError, AttributeError) as e:
+        keys = [p for p, _ in tree_paths(params)]
+        raise BilevelError(f"{name} failed on params with leaves {keys}: {type(e).__name__}: {e}. "
+                           f"Does params0/init(hparams) have the structure {name} expects?") from e
+    if not isinstance(out, torch.Tensor):
+        raise BilevelError(f"{name} returned {type(out).__name__}, expected a scalar tensor")
+    if out.dim() != 0:
+        raise BilevelError(f"{name} returned a tensor of shape {tuple(out.shape)}; "
+                           f"it must return a scalar (reduce with .mean() or .sum())")
+    if not out.is_floating_point():
+        raise BilevelError(f"{name} returned dtype {out.dtype}, expected a floating scalar")
+    return out

@@ -1,0 +1,85 @@
+"""Running the inner solver, and the reverse-mode unroll shared by Unrolled/Truncated/FirstOrder.
+
+The inner trajectory is w_0 = init(λ) (or params0), (w_{k+1}, s_{k+1}) = Φ(w_k, s_k, λ).
+:func:`tail_hypergrad` runs the first K − T steps with no graph (a constant in λ except through
+the identity path of w_0 = init(λ)) and differentiates the last T steps in reverse mode:
+
+    w_{K−T} ≈ init(λ) + stopgrad(w_{K−T} − init(λ)),   ĝ = d f(w_K(λ), λ) / dλ.
+
+T = K is exact unrolled backprop (MAML), T = 0 the first-order approximation (FO-MAML).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.func import grad_and_value
+
+from .problem import BilevelProblem, HypergradResult, call_loss
+from .pytree import PyTree, tree_detach, tree_map, tree_sub
+from .solvers import InnerSolver
+
+Carry = tuple[PyTree, PyTree]  # (params, solver state)
+
+
+def inner_grad_fn(problem: BilevelProblem):
+    """(w, λ, batch) -> (∇_w g(w, λ, batch), g(w, λ, batch))."""
+
+    def fn(params: PyTree, hparams: PyTree, batch: Any):
+        loss = lambda p: call_loss(problem.inner_loss, "inner_loss", p, hparams, batch)  # noqa: E731
+        return grad_and_value(loss)(params)
+
+    return fn
+
+
+def run(problem: BilevelProblem, solver: InnerSolver, hparams: PyTree, batch: Any,
+        carry: Carry, steps: int) -> tuple[Carry, list[torch.Tensor]]:
+    """``steps`` solver iterations from ``carry``; returns the new carry and the inner losses."""
+    grad_fn = inner_grad_fn(problem)
+    params, state = carry
+    losses = []
+    for _ in range(steps):
+        params, state, loss = solver.step(grad_fn, params, state, hparams, batch)
+        losses.append(loss.detach())
+    return (params, state), losses
+
+
+def stack_losses(losses: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    if not losses:
+        return like.new_zeros((0,)).detach()
+    return torch.stack(losses)
+
+
+def start_carry(problem: BilevelProblem, solver: InnerSolver, hparams: PyTree,
+                params0: PyTree | None) -> Carry:
+    params = problem.start(hparams, params0)
+    return params, solver.init_state(params, hparams)
+
+
+def outer_value(problem: BilevelProblem, params: PyTree, hparams: PyTree, batch: Any):
+    return call_loss(problem.outer_loss, "outer_loss", params, hparams, batch)
+
+
+def tail_hypergrad(problem: BilevelProblem, solver: InnerSolver, hparams: PyTree,
+                   inner_batch: Any, outer_batch: Any, params0: PyTree | None,
+                   tracked: int) -> HypergradResult:
+    """Reverse-mode hypergradient through the last ``tracked`` of ``solver.steps`` steps."""
+    steps = solver.steps
+    const = tree_detach(hparams)
+    (w_pre, s_pre), pre_losses = run(problem, solver, const, inner_batch,
+                                     start_carry(problem, solver, const, params0), steps - tracked)
+    w_pre, s_pre = tree_detach(w_pre), tree_detach(s_pre)
+    delta = None
+    if problem.init is not None:  # keep the identity path through w_0 = init(λ)
+        delta = tree_detach(tree_sub(w_pre, problem.init(const)))
+
+    def objective(h: PyTree):
+        w = w_pre if delta is None else tree_map(torch.add, problem.init(h), delta)
+        (w_K, _), losses = run(problem, solver, h, inner_batch, (w, s_pre), tracked)
+        f = outer_value(problem, w_K, h, outer_batch)
+        return f, (tree_detach(w_K), losses)
+
+    grads, (f, (w_K, losses)) = grad_and_value(objective, has_aux=True)(hparams)
+    trace = stack_losses(pre_losses + list(losses), f)
+    return HypergradResult(grads, w_K, f.detach(), {"inner_loss": trace})
