@@ -51,7 +51,8 @@ class CG:
     p·Ap ≤ breakdown_tol · (largest p·Ap/p·p seen) · p·p (singular/indefinite H: the last good
     iterate is kept and ``breakdown`` is flagged). ``warm_start=True`` starts from the
     previous call's solution (eager only; pass ``x0`` explicitly under vmap).
-    Info: ``residual`` ‖b − (H+μI)x‖, ``rel_residual``, ``iterations``, ``converged``, ``breakdown``.
+    Info: ``residual`` ‖b − (H+μI)x‖, ``rel_residual``, ``iterations``, ``converged``,
+    ``breakdown``.
     """
 
     iters: int = 20

@@ -95,8 +95,9 @@ class Implicit(Estimator):
         if problem.init is not None and concrete_bool(tree_norm(mixed) == 0):
             warn_once(self, "nodep", "Implicit: the inner loss does not depend on the "
                       "hyperparameters, so the implicit hypergradient ignores init(hparams) "
-                      "(the inner solution does not depend on where the solver starts). For MAML-type "
-                      "problems add a proximal term (bl.proximal, iMAML) or use Unrolled/FirstOrder")
+                      "(the inner solution does not depend on where the solver starts). For "
+                      "MAML-type problems add a proximal term (bl.proximal, iMAML) or use "
+                      "Unrolled/FirstOrder")
         if self.stationarity_rtol is not None and "inner_grad_norm0" in info:
             g0, gK = info["inner_grad_norm0"], info["inner_grad_norm"]
             if concrete_bool(gK > self.stationarity_rtol * g0):
