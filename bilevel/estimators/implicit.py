@@ -100,7 +100,8 @@ class Implicit(Estimator):
                       "Unrolled/FirstOrder")
         if self.stationarity_rtol is not None and "inner_grad_norm0" in info:
             g0, gK = info["inner_grad_norm0"], info["inner_grad_norm"]
-            if concrete_bool(gK > self.stationarity_rtol * g0):
+            floor = torch.finfo(gK.dtype).eps ** 0.5  # already stationary at w_0
+            if concrete_bool(gK > torch.clamp(self.stationarity_rtol * g0, min=floor)):
                 warn_once(self, "stationary", f"Implicit: the inner solver did not reach a "
                           f"stationary point (|grad g(w_K)| = {float(gK):.3g} vs "
                           f"{float(g0):.3g} at w_0); the implicit hypergradient assumes "
