@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .estimators import Estimator, Unrolled
+from .estimators.base import warn_once
 from .linsolve import concrete_bool
 from .problem import BilevelError, BilevelProblem, HypergradResult, check_floating
 from .pytree import PyTree, tree_paths
@@ -46,15 +47,16 @@ def hypergrad(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None,
     estimator.validate(problem, solver, hparams)
     result = estimator(problem, solver, hparams, inner_batch, outer_batch, params0)
     if check:
-        check_result(result, strict=False)
+        check_result(result, strict=False, owner=estimator)
     return result
 
 
-def check_result(result: HypergradResult, strict: bool = True) -> None:
+def check_result(result: HypergradResult, strict: bool = True, owner: object = None) -> None:
     """Raise on NaN/inf (naming the inner step or the leaf) and warn on an unconverged solve.
 
     With ``strict=False`` values that are not concrete (under ``vmap``) are skipped silently;
-    with ``strict=True`` (for calling it after a vmapped batch) every check runs.
+    with ``strict=True`` (for calling it after a vmapped batch) every check runs. With an
+    ``owner`` (the estimator) a warning is given once per owner, not at every call.
     """
     trace = result.info.get("inner_loss")
     if trace is not None and trace.numel():
@@ -77,9 +79,13 @@ def check_result(result: HypergradResult, strict: bool = True) -> None:
     if converged is not None and concrete_bool(converged.all()) is False:
         res = result.info["linsolve_rel_residual"]
         its = result.info["linsolve_iterations"].max().item()
-        warnings.warn(f"the linear solve did not reach its tolerance (relative residual "
-                      f"{res.max().item():.3g} after {its} iterations): raise CG(iters=...) or "
-                      f"add damping", RuntimeWarning, stacklevel=3)
+        message = (f"the linear solve did not reach its tolerance (relative residual "
+                   f"{res.max().item():.3g} after {its} iterations): raise CG(iters=...) or add "
+                   f"damping; later misses are in res.info['linsolve_rel_residual']")
+        if owner is None:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        else:
+            warn_once(owner, "linsolve", message)
 
 
 def proximal(loss, reg: float | str, center=lambda h: h):
