@@ -13,6 +13,7 @@ from .estimators import (
     Truncated,
     Unrolled,
 )
+from .estimators.base import reset_warnings
 from .hypergrad import check_result, hypergrad, proximal, solve
 from .linsolve import CG, Neumann
 from .problem import BilevelError, BilevelProblem, HypergradResult
@@ -24,5 +25,5 @@ __all__ = [
     "BilevelError", "BilevelProblem", "HypergradResult", "hypergrad", "check_result", "proximal",
     "solve", "GradientDescent", "Momentum", "SignGD", "SAM", "InnerSolver", "CG", "Neumann",
     "Estimator", "Unrolled", "Truncated", "Checkpointed", "Implicit", "ForwardMode", "FirstOrder",
-    "HistoryFree",
+    "HistoryFree", "reset_warnings",
 ]

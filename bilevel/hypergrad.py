@@ -70,6 +70,12 @@ def check_result(result: HypergradResult, strict: bool = True, owner: object = N
                                      f"learning rate or check the inner loss")
         if ok is None:
             return
+        rows = trace.reshape(-1, trace.shape[-1])
+        if rows.shape[-1] >= 2 and bool((rows[:, -1] > rows[:, 0]).any()):
+            worst = int((rows[:, -1] - rows[:, 0]).argmax())
+            _warn(owner, "diverging", f"the inner loss grew from {rows[worst, 0].item():.4g} to "
+                  f"{rows[worst, -1].item():.4g} over {rows.shape[-1]} inner steps: the inner "
+                  f"solver is diverging (lower its learning rate)")
     for what, tree in (("inner solution params", result.params), ("hypergradient", result.grad),
                        ("outer loss", result.outer_loss)):
         for path, leaf in tree_paths(tree):
@@ -81,11 +87,15 @@ def check_result(result: HypergradResult, strict: bool = True, owner: object = N
         its = result.info["linsolve_iterations"].max().item()
         message = (f"the linear solve did not reach its tolerance (relative residual "
                    f"{res.max().item():.3g} after {its} iterations): raise CG(iters=...) or add "
-                   f"damping; later misses are in res.info['linsolve_rel_residual']")
-        if owner is None:
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-        else:
-            warn_once(owner, "linsolve", message)
+                   f"damping")
+        _warn(owner, "linsolve", message)
+
+
+def _warn(owner: object, key: str, message: str) -> None:
+    if owner is None:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    else:
+        warn_once(owner, key, message)
 
 
 def proximal(loss, reg: float | str, center=lambda h: h):

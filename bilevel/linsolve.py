@@ -47,7 +47,8 @@ class CG:
     """Conjugate gradients for (H + damping·I) v = b, H symmetric positive (semi-)definite.
 
     x ← x + α p, r ← r − α Ap, p ← r + β p with α = r·r / p·Ap, β = r⁺·r⁺ / r·r.
-    Stops (per system, masked, so vmap-safe) when ‖r‖ ≤ tol·‖b‖ or when the curvature
+    Stops (per system, masked, so vmap-safe) when ‖r‖ ≤ tol·‖b‖ (default tol: 1e-10, or 100·
+    machine epsilon for float32 and below) or when the curvature
     p·Ap ≤ breakdown_tol · (largest p·Ap/p·p seen) · p·p (singular/indefinite H: the last good
     iterate is kept and ``breakdown`` is flagged). ``warm_start=True`` starts from the
     previous call's solution (eager only; pass ``x0`` explicitly under vmap).
@@ -56,7 +57,7 @@ class CG:
     """
 
     iters: int = 20
-    tol: float = 1e-10
+    tol: float | None = None
     damping: float = 0.0
     warm_start: bool = False
     breakdown_tol: float | None = None
@@ -65,7 +66,7 @@ class CG:
     def __post_init__(self) -> None:
         if not isinstance(self.iters, int) or self.iters < 0:
             raise BilevelError(f"CG iters must be a non-negative int, got {self.iters!r}")
-        if self.tol < 0 or self.damping < 0:
+        if (self.tol is not None and self.tol < 0) or self.damping < 0:
             raise BilevelError(f"CG tol and damping must be >= 0, got tol={self.tol}, "
                                f"damping={self.damping}")
 
@@ -79,7 +80,8 @@ class CG:
         if eps is None:
             eps = 100 * torch.finfo(ref.dtype).eps
         b_norm = tree_norm(b)
-        threshold = self.tol * b_norm
+        tol = max(1e-10, 100 * torch.finfo(ref.dtype).eps) if self.tol is None else self.tol
+        threshold = tol * b_norm
         if x0 is None:
             x, r = tree_zeros_like(b), b
         else:
@@ -116,7 +118,7 @@ class CG:
             "residual": residual,
             "rel_residual": residual / torch.where(b_norm > 0, b_norm, 1),
             "iterations": iterations,
-            "converged": residual <= threshold if self.tol > 0 else torch.ones_like(stopped),
+            "converged": residual <= threshold if tol > 0 else torch.ones_like(stopped),
             "breakdown": breakdown,
         }
         return x, info

@@ -76,6 +76,11 @@ def test_nan_step_index_is_the_first_bad_one():
                      params0=torch.ones(2, dtype=DT), estimator=bl.FirstOrder())
 
 
+def test_diverging_inner_solver_warns(maml):
+    with pytest.warns(RuntimeWarning, match="inner loss grew from"):
+        bl.hypergrad(maml.problem(), theta(), solver=bl.GradientDescent(lr=2.0, steps=10))
+
+
 def test_unconverged_linear_solve_warns_with_residual():
     pb = IMAMLQuadratic.make(d=5)
     with pytest.warns(RuntimeWarning, match="relative residual"):

@@ -31,9 +31,18 @@ class Estimator:
         return f"{type(self).__name__}({args})"
 
 
+_WARNED: set[tuple[str, str]] = set()
+
+
 def warn_once(owner: object, key: str, message: str, category=RuntimeWarning) -> None:
-    """Warn once per estimator instance and message kind (training loops call us every step)."""
-    seen = owner.__dict__.setdefault("_warned", set())
-    if key not in seen:
-        seen.add(key)
-        warnings.warn(message, category, stacklevel=4)
+    """Warn once per process for each (estimator class, kind of problem): training loops call
+    us every step, often with a fresh estimator object. :func:`reset_warnings` re-arms them."""
+    tag = (type(owner).__name__, key)
+    if tag not in _WARNED:
+        _WARNED.add(tag)
+        warnings.warn(message + " [shown once; values are in res.info]", category, stacklevel=4)
+
+
+def reset_warnings() -> None:
+    """Show every once-only warning again."""
+    _WARNED.clear()
