@@ -1,5 +1,29 @@
-"""meta: the MAML family on top of bilevel."""
+"""meta: the MAML family on top of bilevel.
 
+Models (:mod:`meta.models`): ``Conv4``, ``MLP``, ``BatchNorm`` (batch statistics, vmap-exact),
+``params_of``, ``split_params``. Learners (:mod:`meta.algorithms`): ``MAML``, ``FOMAML``,
+``ANIL``, ``Reptile``, ``IMAML``, ``SignMAML``, ``SharpMAML``, ``MemoryReducedMAML``; the
+registry ``ALGORITHMS`` and ``make_learner(name, model, **kwargs)``. Data: ``TaskBatch``.
+"""
+
+from .algorithms import (
+    ALGORITHMS,
+    ANIL,
+    FOMAML,
+    IMAML,
+    MAML,
+    MemoryReducedMAML,
+    MetaLearner,
+    Reptile,
+    SharpMAML,
+    SignMAML,
+    make_learner,
+)
+from .models import MLP, BatchNorm, Conv4, params_of, split_params
 from .tasks import TaskBatch
 
-__all__ = ["TaskBatch"]
+__all__ = [
+    "TaskBatch", "Conv4", "MLP", "BatchNorm", "params_of", "split_params", "MetaLearner",
+    "MAML", "FOMAML", "ANIL", "Reptile", "IMAML", "SignMAML", "SharpMAML", "MemoryReducedMAML",
+    "ALGORITHMS", "make_learner",
+]

@@ -1,0 +1,67 @@
+"""Memory-reduced meta-learning (Yang, Ma & Yu, AAAI 2025) as its official code runs it
+(yangxiaolin9527/RM-MetaL; ALGORITHMS.md §6)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+import bilevel as bl
+
+from ..models import split_params
+from .base import MetaLearner, Params
+
+
+class MemoryReducedMAML(MetaLearner):
+    """Backbone = upper variable, linear head = lower variable; history-free hypergradient.
+
+    Upper variable x = ``features.*`` (the only parameters that ever get ``.grad``: give the
+    optimiser the backbone, e.g. ``Adam(model.features.parameters())``; an optimiser over all
+    parameters also works, as Adam/SGD skip parameters whose ``.grad`` is None). Lower variable
+    y = the ``head.*`` parameters, started every time from the model's head as initialised
+    (the official fixed random init: drawn once with the model, stored in it, never updated).
+
+    Per task: ``inner_steps`` (T = 20) GD steps of ``inner_lr`` (0.1) on the support
+    cross-entropy of the head (backbone fixed, no graph), then ``bl.HistoryFree(iters=cg_iters)``
+    (N = 20 CG steps, no early stop, v_0 = 0) at y_T: ``.grad`` receives
+    (1/B) Σ_i [∇_x f_i(x, y_T) − ∇²_xy g_i(x, y_T) · CG_N(∇²_yy g_i(x, y_T), ∇_y f_i(x, y_T))].
+    The head's Hessian is singular (no regulariser, as the official code); ``bl.CG`` stops on
+    the last good iterate at curvature breakdown instead of dividing by ~0 (``damping`` > 0
+    solves (H + μI)v = b instead, i.e. adds (μ/2)‖y‖² to the lower loss).
+
+    Meta-test (every method in the official code): head-only adaptation from the fixed init,
+    ``eval_inner_steps=20`` steps of ``eval_inner_lr=0.05``.
+
+    Defaults: T = 20, β = 0.1 (CIFAR-FS / FC100 folders; miniImageNet and tieredImageNet use
+    0.05), N = 20; official outer optimiser Adam, lr 1e-4 (CIFAR-FS/FC100) or 1e-3.
+    """
+
+    name = "memoryreduced"
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 20, *,
+                 cg_iters: int = 20, damping: float = 0.0, vectorize: bool | None = None,
+                 estimator: bl.Estimator | None = None, loss: str | Callable = "cross_entropy",
+                 eval_inner_steps: int | None = 20, eval_inner_lr: float | None = 0.05):
+        split_params(model)  # fail early without a head
+        if not isinstance(cg_iters, int) or cg_iters < 0:
+            raise ValueError(f"cg_iters must be a non-negative int, got {cg_iters!r}")
+        if not isinstance(damping, (int, float)) or damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping!r}")
+        self.cg_iters, self.damping = cg_iters, float(damping)
+        super().__init__(model, inner_lr, inner_steps, vectorize=vectorize, estimator=estimator,
+                         loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr)
+
+    def default_estimator(self) -> bl.Estimator:
+        return bl.HistoryFree(iters=self.cg_iters, damping=self.damping)
+
+    def meta_names(self) -> list[str]:
+        body = split_params(self.model)[0]
+        return [n for n, p in self.model.named_parameters() if n in body and p.requires_grad]
+
+    def head_init(self) -> Params:
+        """The fixed lower-level start y_0: the model's head parameters (detached)."""
+        return split_params(self.model)[1]
+
+    def params0(self) -> Params:
+        return self.head_init()

@@ -1,0 +1,356 @@
+"""``meta-train`` (meta.cli / meta.train / meta.plot): outputs, exact resumption, bad arguments.
+
+Everything runs in-process through ``meta.cli.main([...])`` with tiny settings (a few
+iterations of sinusoid MAML, a handful of evaluation tasks) into temporary directories. The
+Omniglot smoke run uses the real files in ``../shared/data/omniglot`` (or ``$OMNIGLOT_ROOT``)
+and skips when they are absent.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bilevel as bl
+from meta.algorithms import MAML
+from meta.cli import main
+from meta.plot import save_curve, write_png
+from meta.train import Progress, TrainConfig, load_checkpoint, parse_estimator, train
+
+OMNIGLOT = Path(os.environ.get("OMNIGLOT_ROOT")
+                or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny(out: Path, iterations: int = 6, *extra: str) -> list[str]:
+    """A few-second sinusoid MAML run in float64."""
+    return ["--iterations", str(iterations), "--meta-batch", "4", "--val-every", "2",
+            "--val-tasks", "4", "--test-tasks", "10", "--dtype", "float64", "--seed", "3",
+            "--no-progress", "--out", str(out), *extra]
+
+
+def read_rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    ca, cb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
+    assert ca["iteration"] == cb["iteration"]
+    assert ca["model"].keys() == cb["model"].keys()
+    for name in ca["model"]:
+        assert ca["model"][name].dtype == torch.float64
+        assert torch.equal(ca["model"][name], cb["model"][name]), name
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa[k][key], sb[k][key]), (k, key)
+    train_a = [(r["iteration"], r["loss"]) for r in read_rows(a) if r["split"] == "train"]
+    train_b = [(r["iteration"], r["loss"]) for r in read_rows(b) if r["split"] == "train"]
+    assert train_a == train_b
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted 6-iteration run."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert main(tiny(out, 6)) == 0
+    return out
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("meta-train: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def test_run_writes_every_output(reference, capsys):
+    out = reference
+    for name in ("metrics.csv", "results.json", "curve.png", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    assert (out / "curve.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes cleaned
+
+    rows = read_rows(out)
+    assert list(rows[0]) == ["iteration", "split", "loss", "accuracy", "ci95", "time"]
+    assert [int(r["iteration"]) for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [int(r["iteration"]) for r in rows if r["split"] == "val"] == [0, 2, 4, 6]
+    assert [r["split"] for r in rows].count("test") == 1
+    assert all(float(r["loss"]) >= 0 and r["accuracy"] == "" for r in rows)  # regression
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["test"]["metric"] == "mse" and res["test"]["tasks"] == 10
+    assert res["test"]["mean"] > 0 and res["test"]["ci95"] > 0
+    assert res["iterations"] == 6 and res["device"] == "cpu" and res["dtype"] == "float64"
+    assert res["torch_version"] == torch.__version__ and res["train_time_s"] >= 0
+    assert res["args"]["algorithm"] == "maml" and res["args"]["inner_lr"] == 0.01
+    assert res["args"]["hidden"] == [40, 40] and res["estimator"] == "Unrolled()"
+
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["iteration"] == 6 and ckpt["config"]["meta_batch"] == 4
+    assert {"torch", "numpy", "python"} <= set(ckpt["rng"])
+
+
+def test_default_settings_and_summary(tmp_path, capsys):
+    """No-argument defaults (Finn et al.'s sinusoid MAML), shortened; the summary on stdout."""
+    out = tmp_path / "run"
+    assert main(["--iterations", "2", "--test-tasks", "5", "--val-tasks", "5",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "test MSE" in printed.out and str(out) in printed.out
+    assert "iter 2/2" in printed.err  # not a TTY: progress lines, not a bar
+    args = json.loads((out / "results.json").read_text())["args"]
+    assert (args["shots"], args["queries"], args["meta_batch"]) == (10, 10, 25)
+    assert (args["inner_lr"], args["inner_steps"], args["meta_lr"]) == (0.01, 1, 1e-3)
+    assert args["hidden"] == [40, 40] and args["dtype"] == "float32"
+    assert args["eval_inner_steps"] == 10 and args["threads"] == 1
+    assert torch.get_num_threads() >= 1  # restored after the run
+
+
+# ----------------------------------------------------------------------------- resumption
+
+
+def test_resume_is_bit_identical(reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny(out, 3)) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 3
+    assert main(tiny(out, 6, "--resume")) == 0
+    assert "resuming at iteration 3" in capsys.readouterr().err
+    assert_same_state(reference, out)
+    res = json.loads((out / "results.json").read_text())
+    assert res["segments"] == [[0, 3], [3, 6]]
+    assert res["test"] == json.loads((reference / "results.json").read_text())["test"]
+
+
+def test_sigint_saves_checkpoint_and_resumes_exactly(reference, tmp_path, monkeypatch, capsys):
+    """Ctrl-C stops after the current iteration with a checkpoint; --resume continues."""
+    calls = {"n": 0}
+    original = MAML.meta_step
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch)
+
+    monkeypatch.setattr(MAML, "meta_step", interrupted)
+    out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGINT)
+    assert main(tiny(out, 6)) == 130
+    assert signal.getsignal(signal.SIGINT) is before  # the run's handler is removed
+    err = capsys.readouterr().err
+    assert "interrupted at iteration 2" in err and "--resume" in err
+    assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 2
+    assert not (out / "results.json").exists()
+    monkeypatch.setattr(MAML, "meta_step", original)
+    assert main(["--out", str(out), "--resume"]) == 0  # the saved arguments are reused
+    assert_same_state(reference, out)
+
+
+def test_resume_guards(reference, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # an existing run is never overwritten
+        main(tiny(reference, 6))
+    assert exc.value.code == 2 and "--resume" in one_error_line(capsys)
+    with pytest.raises(SystemExit) as exc:  # the trajectory cannot change on resume
+        main(["--out", str(reference), "--resume", "--meta-lr", "0.5"])
+    assert exc.value.code == 2 and "meta-lr" in one_error_line(capsys)
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "nothing"), "--resume"])
+    assert exc.value.code == 2 and "checkpoint.pt" in one_error_line(capsys)
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(reference), "--resume", "--iterations", "4"])
+    assert exc.value.code == 2 and "past" in one_error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--iterations", "0"], "--iterations"),
+    (["--meta-batch", "-3"], "--meta-batch"),
+    (["--shots", "x"], "--shots"),
+    (["--inner-lr", "0"], "--inner-lr"),
+    (["--test-tasks", "0"], "--test-tasks"),
+    (["--hidden", "40,0"], "--hidden"),
+    (["--algorithm", "nope"], "unknown algorithm"),
+    (["--estimator", "bogus"], "unknown estimator"),
+    (["--estimator", "truncated:x"], "truncated"),
+    (["--estimator", "truncated:5"], "more steps than the solver runs"),
+    (["--algorithm", "reptile", "--estimator", "unrolled"], "estimator"),
+    (["--ways", "5"], "omniglot only"),
+    (["--reg", "1.0"], "imaml"),
+    (["--dataset", "mnist"], "--dataset"),
+    (["--dtype", "float16"], "--dtype"),
+    (["--device", "tpu9"], "device"),
+    (["--dataset", "omniglot", "--shots", "10", "--queries", "15"], "20 images"),
+    (["--resume"], "--out"),
+    (["--bogus"], "unrecognized"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, needle, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(out)] if "--resume" not in argv else argv)
+    assert exc.value.code == 2
+    assert needle in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_cuda_unavailable_is_a_clean_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cuda", "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2 and "CUDA is not available" in one_error_line(capsys)
+
+
+def test_omniglot_missing_root_says_what_to_put_where(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "no-omniglot"
+    with pytest.raises(SystemExit) as exc:
+        main(["--dataset", "omniglot", "--data-root", str(missing), "--out", str(tmp_path / "r")])
+    line = one_error_line(capsys)
+    assert exc.value.code == 2
+    assert str(missing) in line and "images_background" in line and "--download" in line
+    monkeypatch.delenv("OMNIGLOT_ROOT", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["--dataset", "omniglot", "--out", str(tmp_path / "r")])
+    line = one_error_line(capsys)
+    assert "--data-root" in line and "OMNIGLOT_ROOT" in line and "images_evaluation" in line
+
+
+def omniglot_root() -> Path:
+    names = ("images_background.npz", "images_background.zip", "images_background_small1.zip")
+    if not any((OMNIGLOT / n).is_file() or (OMNIGLOT / "npz" / n).is_file() for n in names):
+        pytest.skip(f"no Omniglot data under {OMNIGLOT}")
+    return OMNIGLOT
+
+
+def test_omniglot_smoke_on_real_data(tmp_path, monkeypatch, capsys):
+    root = omniglot_root()
+    monkeypatch.setenv("BILEVEL_META_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["--dataset", "omniglot", "--data-root", str(root), "--iterations", "2",
+                 "--hidden", "8", "--meta-batch", "2", "--val-every", "1", "--val-tasks", "2",
+                 "--test-tasks", "4", "--eval-inner-steps", "2", "--no-progress",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["test"]["metric"] == "accuracy" and 0 <= res["test"]["mean"] <= 1
+    assert res["args"]["ways"] == 5 and res["args"]["inner_lr"] == 0.4
+    rows = read_rows(out)
+    assert all(0 <= float(r["accuracy"]) <= 1 for r in rows)
+    assert all(r["loss"] == "" for r in rows if r["split"] != "train")
+    assert (out / "curve.png").read_bytes()[:8] == PNG_SIGNATURE
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # more ways than the split has classes
+        main(["--dataset", "omniglot", "--data-root", str(root), "--ways", "100000",
+              "--out", str(tmp_path / "r2")])
+    assert exc.value.code == 2 and "exceeds" in one_error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_estimator_specs_map_to_bilevel_objects():
+    assert parse_estimator("unrolled") == bl.Unrolled()
+    assert parse_estimator("truncated:3") == bl.Truncated(3)
+    assert parse_estimator("checkpointed") == bl.Checkpointed()
+    assert parse_estimator("implicit:cg:7") == bl.Implicit(bl.CG(iters=7))
+    assert parse_estimator("firstorder") == bl.FirstOrder()
+    assert parse_estimator("first-order") == bl.FirstOrder()
+    assert parse_estimator("historyfree") == bl.HistoryFree()
+    assert parse_estimator("historyfree:5") == bl.HistoryFree(iters=5)
+
+
+def test_estimator_override_reaches_the_learner(tmp_path):
+    out = tmp_path / "run"
+    res = train(TrainConfig(iterations=2, meta_batch=2, val_every=0, test_tasks=4,
+                            inner_steps=2, estimator="truncated:1", out=str(out),
+                            progress=False), stream=io.StringIO())
+    assert res["estimator"] == repr(bl.Truncated(1))
+    assert [r["split"] for r in read_rows(out)] == ["train", "train", "test"]
+
+
+def test_curve_without_matplotlib_uses_the_builtin_png_writer(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = tmp_path / "run"
+    assert main(tiny(out, 2)) == 0
+    assert json.loads((out / "results.json").read_text())["curve_backend"] == "builtin"
+    width, height, image = decode_png((out / "curve.png").read_bytes())
+    assert (width, height) == (640, 300)
+    assert image.min() < 100 and image.max() == 255  # something was drawn on white
+
+
+def decode_png(data: bytes) -> tuple[int, int, np.ndarray]:
+    """Decode the 8-bit RGB, filter-0 PNGs that :func:`write_png` produces (checking CRCs)."""
+    assert data[:8] == PNG_SIGNATURE
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        (length,), tag = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF
+        if tag == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif tag == b"IDAT":
+            idat += body
+        pos += 12 + length
+    width, height, depth, colour = header[:4]
+    assert depth == 8 and colour == 2
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + 3 * width)
+    assert (raw[:, 0] == 0).all()
+    return width, height, raw[:, 1:].reshape(height, width, 3)
+
+
+def test_write_png_round_trip_and_two_panels(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    write_png(tmp_path / "x.png", img)
+    w, h, back = decode_png((tmp_path / "x.png").read_bytes())
+    assert (w, h) == (5, 7) and np.array_equal(back, img)
+    with pytest.raises(ValueError):
+        write_png(tmp_path / "bad.png", img.astype(np.float32))
+    train_loss = [(i, 2.0 / (1 + i)) for i in range(1, 50)]
+    acc = [(i, min(1.0, 0.2 + i / 50)) for i in range(1, 50)]
+    backend = save_curve(tmp_path / "c.png", train_loss, [(0, 2.0), (25, 0.3)], acc,
+                         [(0, 0.2), (25, 0.7)], backend="builtin")
+    assert backend == "builtin"
+    assert decode_png((tmp_path / "c.png").read_bytes())[:2] == (640, 600)
+
+
+def test_progress_bar_on_a_tty_and_lines_otherwise():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    bar = Progress(4, stream=tty)
+    for i in range(1, 5):
+        bar.update(i, 1.0 / i, 0.5)
+    bar.write("val @ 4")
+    bar.close()
+    text = tty.getvalue()
+    assert text.startswith("\r[") and "4/4" in text and "it/s" in text and "acc 0.500" in text
+    assert "val @ 4\n" in text
+    plain = io.StringIO()
+    lines = Progress(10, every=5, stream=plain, loss_name="mse")
+    for i in range(1, 11):
+        lines.update(i, 1.0, float("nan"))
+    out = plain.getvalue().splitlines()
+    assert len(out) == 2 and out[0].startswith("iter 5/10 | mse 1.0000 |")
+    assert "\r" not in plain.getvalue() and "acc" not in plain.getvalue()
