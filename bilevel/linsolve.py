@@ -52,7 +52,8 @@ class CG:
     p·Ap ≤ breakdown_tol · (largest p·Ap/p·p seen) · p·p (singular/indefinite H: the last good
     iterate is kept and ``breakdown`` is flagged). ``warm_start=True`` starts from the
     previous call's solution (eager only; pass ``x0`` explicitly under vmap).
-    Info: ``residual`` ‖b − (H+μI)x‖, ``rel_residual``, ``iterations``, ``converged``,
+    Info: ``residual`` ‖r‖ (the recursive residual, = ‖b − (H+μI)x‖ up to rounding),
+    ``rel_residual``, ``iterations``, ``converged``,
     ``breakdown``.
     """
 
@@ -111,7 +112,7 @@ class CG:
             stopped = stopped | bad | (torch.sqrt(rs) <= threshold)
             if concrete_bool(stopped) is True:  # eager: leave early, nothing left to do
                 break
-        residual = tree_norm(tree_sub(b, A(x))) if self.iters else torch.sqrt(rs)
+        residual = torch.sqrt(rs)  # recursive residual: no extra matvec
         if self.warm_start and concrete_bool(residual == residual) is not None:
             self._last = tree_detach(x)
         info = {

@@ -54,9 +54,9 @@ def _check_steps(steps: int) -> None:
         raise BilevelError(f"steps must be a non-negative int, got {steps!r}")
 
 
-def _check_rate(rate: Rate, name: str) -> None:
-    if isinstance(rate, (int, float)) and not rate > 0:
-        raise BilevelError(f"{name} must be positive, got {rate!r}")
+def _check_rate(rate: Rate, name: str, allow_zero: bool = False) -> None:
+    if isinstance(rate, (int, float)) and not (rate > 0 or (allow_zero and rate == 0)):
+        raise BilevelError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {rate!r}")
 
 
 class InnerSolver:
@@ -152,7 +152,7 @@ class SAM(InnerSolver):
         if not isinstance(self.base, InnerSolver) or isinstance(self.base, SAM):
             raise BilevelError("SAM(base, rho) needs a plain inner solver as base "
                                "(GradientDescent, Momentum or SignGD)")
-        _check_rate(self.rho, "rho")
+        _check_rate(self.rho, "rho", allow_zero=True)
 
     @property
     def steps(self) -> int:  # type: ignore[override]

@@ -169,3 +169,20 @@ def test_warnings_are_not_repeated_every_step(maml):
             bl.hypergrad(maml.problem(), theta(), solver=bl.GradientDescent(0.2, 100),
                          estimator=est)
     assert sum("ignores init" in str(w.message) for w in seen) == 1
+
+
+def test_mse_loss_zerotensor_falls_back_to_reverse_hvp():
+    X, t = torch.randn(10, 3, dtype=DT), torch.randn(10, dtype=DT)
+    mse = lambda w, b: torch.nn.functional.mse_loss(X @ w, t)  # noqa: E731
+    prob = bl.BilevelProblem(lambda w, h, b: mse(w, b) + 0.5 * h["l"] * (w @ w),
+                             lambda w, h, b: (w ** 2).sum())
+    args = dict(solver=bl.GradientDescent(0.2, 500), params0=torch.zeros(3, dtype=DT))
+    ref = bl.hypergrad(prob, {"l": torch.tensor(0.3, dtype=DT)},
+                       estimator=bl.Implicit(bl.CG(3), hvp="reverse"), **args).grad["l"]
+    with pytest.warns(RuntimeWarning, match="ZeroTensors"):
+        got = bl.hypergrad(prob, {"l": torch.tensor(0.3, dtype=DT)},
+                           estimator=bl.Implicit(bl.CG(3)), **args).grad["l"]
+    torch.testing.assert_close(got, ref)
+    unrolled = bl.hypergrad(prob, {"l": torch.tensor(0.3, dtype=DT)}, estimator=bl.Unrolled(),
+                            **args).grad["l"]
+    torch.testing.assert_close(got, unrolled, rtol=1e-9, atol=0)

@@ -35,12 +35,20 @@ class Implicit(Estimator):
     ``stationarity_rtol``: warn (once) when ‖∇_w g(w_K)‖ > rtol·‖∇_w g(w_0)‖, i.e. the inner
     solver did not reach a stationary point and the implicit function theorem does not apply
     (``None`` turns the check off; the norms are always in ``info``).
+    ``hvp``: ``"forward"`` (jvp of grad, recomputes one gradient per product, lowest memory) or
+    ``"reverse"`` (vjp of grad: one gradient graph kept and reused by every product). Some torch
+    ops (e.g. ``F.mse_loss`` on torch 2.13) fail forward-over-reverse with "ZeroTensors are
+    immutable"; the estimator then falls back to ``"reverse"`` and says so once.
     """
 
     linsolve: CG | Neumann = field(default_factory=CG)
     stationarity_rtol: float | None = 0.1
+    hvp: str = "forward"
 
     def __post_init__(self) -> None:
+        if self.hvp not in ("forward", "reverse"):
+            raise BilevelError(f"Implicit(hvp=...) must be 'forward' or 'reverse', got "
+                               f"{self.hvp!r}")
         if not callable(self.linsolve):
             raise BilevelError("Implicit(linsolve=...) needs a linear solver such as "
                                "bl.CG(iters=20) or bl.Neumann(iters=20, alpha=0.1)")
@@ -75,10 +83,7 @@ class Implicit(Estimator):
         (gw_f, gh_f), f = grad_and_value(
             lambda w, h: outer_value(problem, w, h, outer_batch), argnums=(0, 1))(w_K, hparams)
 
-        def hvp(v):
-            return jvp(lambda w: inner_grad(w, const), (w_K,), (v,))[1]
-
-        v, solve_info = self.linsolve(hvp, gw_f, v0)
+        v, solve_info = self._solve(lambda w: inner_grad(w, const), w_K, gw_f, v0)
         g_K, pull_mixed = vjp(lambda h: inner_grad(w_K, h), hparams)
         mixed = pull_mixed(v)[0]
         grads = tree_sub(gh_f, mixed)
@@ -89,6 +94,21 @@ class Implicit(Estimator):
         info.update({f"linsolve_{k}": t for k, t in solve_info.items()})
         self._warn(problem, info, mixed)
         return HypergradResult(grads, w_K, f.detach(), info)
+
+    def _solve(self, grad_w, w_K, b, v0):
+        """Solve ∇²_ww g(w_K) v = b with Hessian-vector products of the chosen mode."""
+        if self.hvp == "forward":
+            try:
+                return self.linsolve(lambda v: jvp(grad_w, (w_K,), (v,))[1], b, v0)
+            except RuntimeError as e:
+                if "ZeroTensors are immutable" not in str(e):
+                    raise
+                warn_once(self, "zerotensor", "Implicit: forward-over-reverse Hessian-vector "
+                          "products fail on an op of this loss in this torch version "
+                          "(\"ZeroTensors are immutable\"); using reverse-over-reverse "
+                          "(hvp='reverse') instead")
+        _, pull = vjp(grad_w, w_K)
+        return self.linsolve(lambda v: pull(v)[0], b, v0)
 
     def _warn(self, problem, info: dict[str, torch.Tensor], mixed) -> None:
         """Eager-only diagnostics (skipped silently under vmap, where values are not concrete)."""
