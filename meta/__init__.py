@@ -6,6 +6,7 @@ Models (:mod:`meta.models`): ``Conv4``, ``MLP``, ``BatchNorm`` (batch statistics
 registry ``ALGORITHMS`` and ``make_learner(name, model, **kwargs)``. Data: ``TaskBatch``.
 """
 
+from . import data, models
 from .algorithms import (
     ALGORITHMS,
     ANIL,
@@ -25,5 +26,5 @@ from .tasks import TaskBatch
 __all__ = [
     "TaskBatch", "Conv4", "MLP", "BatchNorm", "params_of", "split_params", "MetaLearner",
     "MAML", "FOMAML", "ANIL", "Reptile", "IMAML", "SignMAML", "SharpMAML", "MemoryReducedMAML",
-    "ALGORITHMS", "make_learner",
+    "ALGORITHMS", "make_learner", "data", "models",
 ]
