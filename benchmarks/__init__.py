@@ -1,0 +1,14 @@
+"""Benchmarks that prove the library's claims: peak memory, wall time and accuracy of every
+hypergradient estimator as the inner steps K, the width and the meta-batch grow, next to the
+peer libraries (higher, TorchOpt, learn2learn) on the Conv4 MAML meta-step.
+
+Run on demand, never as part of the test suite::
+
+    python -m benchmarks --quick                  # < 5 min; results in benchmarks/results/
+    python -m benchmarks.measure --case mlp --estimator Unrolled --inner-steps 10
+    pytest benchmarks/ --benchmark-only           # pytest-benchmark regression timings
+
+Modules: :mod:`.cases` (problems, estimators, peers), :mod:`.measure` (one configuration in a
+fresh process -> one JSON record), :mod:`.report` (claims, Markdown, plots), ``__main__``
+(the suite). See ``benchmarks/README.md``.
+"""
