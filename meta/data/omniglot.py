@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ..tasks import TaskBatch
 from .png import decode_png
+from .stream import TaskStream
 
 __all__ = ["Omniglot", "SPLIT_SEED", "split_characters"]
 
@@ -78,7 +79,7 @@ def split_characters(num_characters: int) -> dict[str, np.ndarray]:
     return {name: np.sort(perm[lo:hi]) for name, (lo, hi) in bounds.items()}
 
 
-class Omniglot:
+class Omniglot(TaskStream):
     """Seeded, resumable N-way K-shot episodes from Omniglot.
 
     ``root`` (or ``root/npz``) must hold one of: ``images_background.npz`` and
@@ -162,21 +163,6 @@ class Omniglot:
         if t < 0:
             raise ValueError(f"task index must be >= 0, got {t}")
         return self._episodes([t]).task(0)
-
-    def batches(self, start: int = 0) -> Iterator[TaskBatch]:
-        """Yield ``batch(start), batch(start + 1), ...`` up to ``num_batches`` (or forever)."""
-        i = start
-        while self.num_batches is None or i < self.num_batches:
-            yield self.batch(i)
-            i += 1
-
-    def __iter__(self) -> Iterator[TaskBatch]:
-        return self.batches(0)
-
-    def __len__(self) -> int:
-        if self.num_batches is None:
-            raise TypeError("an Omniglot episode stream without num_batches is infinite")
-        return self.num_batches
 
     def __repr__(self) -> str:
         return (

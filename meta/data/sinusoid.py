@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
 
 import torch
 
 from ..tasks import TaskBatch
+from .stream import TaskStream
 
 __all__ = ["Sinusoid"]
 
 
-class Sinusoid:
+class Sinusoid(TaskStream):
     """Seeded, resumable batches of 1-D regression tasks ``y = A sin(x - phase)``.
 
     Each task draws ``A ~ U(amplitude)``, ``phase ~ U(phase)`` and ``shots + queries`` inputs
@@ -69,21 +69,6 @@ class Sinusoid:
         """Task ``t`` of the stream without the leading dimension."""
         i, j = divmod(t, self.meta_batch)
         return self.batch(i).task(j)
-
-    def batches(self, start: int = 0) -> Iterator[TaskBatch]:
-        """Yield ``batch(start), batch(start + 1), ...`` up to ``num_batches`` (or forever)."""
-        i = start
-        while self.num_batches is None or i < self.num_batches:
-            yield self.batch(i)
-            i += 1
-
-    def __iter__(self) -> Iterator[TaskBatch]:
-        return self.batches(0)
-
-    def __len__(self) -> int:
-        if self.num_batches is None:
-            raise TypeError("a Sinusoid task stream without num_batches is infinite")
-        return self.num_batches
 
     def __repr__(self) -> str:
         return (
