@@ -18,8 +18,9 @@ from .estimators import Estimator, Unrolled
 from .estimators.base import warn_once
 from .linsolve import concrete_bool
 from .problem import BilevelError, BilevelProblem, HypergradResult, check_floating
-from .pytree import PyTree, tree_paths
+from .pytree import PyTree, tree_detach, tree_leaves, tree_paths
 from .solvers import InnerSolver
+from .unroll import run, start_carry
 
 
 def hypergrad(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None,
@@ -102,7 +103,6 @@ def proximal(loss, reg: float | str, center=lambda h: h):
     """iMAML's proximal inner loss: g(w, λ, b) + (reg/2)‖w − center(λ)‖².
 
     ``reg`` may be a number or a key of hparams (a learnable regularisation strength)."""
-    from .pytree import tree_leaves
 
     def g(params, hparams, batch):
         c = center(hparams)
@@ -117,8 +117,6 @@ def proximal(loss, reg: float | str, center=lambda h: h):
 def solve(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None, *,
           solver: InnerSolver, params0: PyTree | None = None) -> PyTree:
     """The inner solution w_K alone (no hypergradient, no graph)."""
-    from .pytree import tree_detach
-    from .unroll import run, start_carry
 
     const = tree_detach(hparams)
     (w, _), _ = run(problem, solver, const, inner_batch,

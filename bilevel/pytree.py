@@ -6,7 +6,6 @@ treat a pytree as the concatenation of its flattened leaves.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,18 +70,6 @@ def tree_paths(a: PyTree) -> list[tuple[str, Any]]:
     return [(_pt.keystr(path), leaf) for path, leaf in _pt.tree_flatten_with_path(a)[0]]
 
 
-def tree_all_finite(a: PyTree) -> tuple[bool, str | None]:
-    """``(True, None)`` or ``(False, path of the first leaf holding NaN/inf)``. Eager only."""
-    for path, leaf in tree_paths(a):
-        if isinstance(leaf, torch.Tensor) and not bool(torch.isfinite(leaf).all()):
-            return False, path
-    return True, None
-
-
-def same_structure(a: PyTree, b: PyTree) -> bool:
-    return tree_structure(a) == tree_structure(b)
-
-
 def tree_basis(a: PyTree) -> PyTree:
     """The standard basis of the space of ``a``: a pytree like ``a`` whose leaves carry a new
     leading dimension of size ``n = tree_numel(a)`` (row ``i`` is the ``i``-th unit vector)."""
@@ -110,6 +97,3 @@ def tree_from_vector(vec: torch.Tensor, like: PyTree) -> PyTree:
 def tree_to_vector(a: PyTree) -> torch.Tensor:
     return torch.cat([x.reshape(-1) for x in tree_leaves(a)])
 
-
-def apply_leafwise(fn: Callable[..., torch.Tensor], *trees: PyTree) -> PyTree:
-    return tree_map(fn, *trees)
