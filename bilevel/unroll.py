@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.func import grad_and_value
 
+from .autodiff import grad_and_value
 from .problem import BilevelProblem, HypergradResult, call_loss
 from .pytree import PyTree, tree_detach, tree_map, tree_sub
 from .solvers import InnerSolver
@@ -26,9 +26,11 @@ Carry = tuple[PyTree, PyTree]  # (params, solver state)
 def inner_grad_fn(problem: BilevelProblem):
     """(w, λ, batch) -> (∇_w g(w, λ, batch), g(w, λ, batch))."""
 
+    def loss(params: PyTree, hparams: PyTree, batch: Any) -> torch.Tensor:
+        return call_loss(problem.inner_loss, "inner_loss", params, hparams, batch)
+
     def fn(params: PyTree, hparams: PyTree, batch: Any):
-        loss = lambda p: call_loss(problem.inner_loss, "inner_loss", p, hparams, batch)  # noqa: E731
-        return grad_and_value(loss)(params)
+        return grad_and_value(loss)(params, hparams, batch)
 
     return fn
 
@@ -74,12 +76,13 @@ def tail_hypergrad(problem: BilevelProblem, solver: InnerSolver, hparams: PyTree
     if problem.init is not None:  # keep the identity path through w_0 = init(λ)
         delta = tree_detach(tree_sub(w_pre, problem.init(const)))
 
-    def objective(h: PyTree):
+    def objective(h: PyTree, inner_batch: Any, outer_batch: Any):
         w = w_pre if delta is None else tree_map(torch.add, problem.init(h), delta)
         (w_K, _), losses = run(problem, solver, h, inner_batch, (w, s_pre), tracked)
         f = outer_value(problem, w_K, h, outer_batch)
         return f, (tree_detach(w_K), losses)
 
-    grads, (f, (w_K, losses)) = grad_and_value(objective, has_aux=True)(hparams)
+    grads, (f, (w_K, losses)) = grad_and_value(objective, has_aux=True)(
+        hparams, inner_batch, outer_batch)
     trace = stack_losses(pre_losses + list(losses), f)
     return HypergradResult(grads, w_K, f.detach(), {"inner_loss": trace})

@@ -4,12 +4,13 @@ Every model has two submodules, ``features`` (the backbone) and ``head`` (the la
 ``nn.Linear``), so parameter names split as ``features.*`` / ``head.*``: ANIL adapts only the
 head, the memory-reduced algorithm meta-learns only the backbone.
 
-Batch normalisation is :class:`BatchNorm`, written with plain tensor ops and ALWAYS using the
-statistics of the batch it sees (support, query or meta-test batch: the transductive setting of
-the MAML official code). It has no running statistics, so ``model.train()``/``model.eval()``
-never change a result. Why not ``torch.nn.functional.batch_norm``: under ``torch.func.vmap`` its
-batching rule gives wrong second-order meta-gradients (pytorch/functorch#534; measured
-|vmap − loop| ≈ 1e-2 relative in float64 on torch 2.13, see
+Batch normalisation is :class:`BatchNorm`, ALWAYS using the statistics of the batch it sees
+(support, query or meta-test batch: the transductive setting of the MAML official code). It has
+no running statistics, so ``model.train()``/``model.eval()`` never change a result. It runs the
+fused ``torch.nn.functional.batch_norm`` except under ``torch.func.vmap``/``jvp``, where it is
+written with plain tensor ops: under vmap the batching rule of ``F.batch_norm`` gives wrong
+second-order meta-gradients (pytorch/functorch#534; measured |vmap − loop| ≈ 1e-2 relative in
+float64 on torch 2.13, see
 ``tests/test_meta_models.py::test_canary_functional_batch_norm_under_vmap``), while mean/var
 written out agree with the Python loop to rounding.
 """
@@ -19,7 +20,14 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+try:
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+except ImportError:  # private API moved: always use the plain-op form (exact everywhere)
+    retrieve_all_functorch_interpreters = None
 
 __all__ = ["BatchNorm", "Conv4", "MLP", "params_of", "split_params", "buffers_of"]
 
@@ -28,9 +36,12 @@ class BatchNorm(nn.Module):
     """Batch normalisation over dim 1 with batch statistics only (no running stats).
 
     y = (x − mean) / sqrt(var + eps) · weight + bias, mean and (biased) variance over every dim
-    except dim 1 — the same numbers as ``F.batch_norm(x, None, None, weight, bias,
-    training=True, eps=eps)``, but built from ``mean``/``sub``/``mul`` so that ``vmap`` of
-    second-order derivatives is exact.
+    except dim 1: ``F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)``.
+    Under ``torch.func.vmap`` or ``jvp`` it is built from ``mean``/``sub``/``mul`` instead, so
+    that vmapped second-order derivatives are exact (pytorch/functorch#534); elsewhere (the
+    task loop, plain autograd, ``torch.func.grad``) the fused kernel is used, 1.2-1.6x faster
+    for a whole Conv4 MAML step on CPU. Both forms agree to rounding (tested, float64, up to
+    second order).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5):
@@ -41,6 +52,13 @@ class BatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _only_grad_transforms():
+            return F.batch_norm(x, None, None, self.weight, self.bias, training=True,
+                                eps=self.eps)
+        return self.forward_plain(x)
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function from plain ops (exact under vmap of second-order derivatives)."""
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1] * x.dim()
         shape[1] = self.num_features
@@ -52,6 +70,13 @@ class BatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, batch statistics only"
+
+
+def _only_grad_transforms() -> bool:
+    """True unless a vmap/jvp/functionalize transform is active (where F.batch_norm is unsafe)."""
+    if retrieve_all_functorch_interpreters is None:
+        return False
+    return all(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())
 
 
 class SpatialMean(nn.Module):

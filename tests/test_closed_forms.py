@@ -10,6 +10,8 @@ from _problems import DT, IMAMLQuadratic, MAMLQuadratic, mpow, rel, spd
 
 import bilevel as bl
 
+pytestmark = pytest.mark.usefixtures("autodiff_mode")
+
 EXACT_UNROLL = [bl.Unrolled(), bl.Checkpointed(), bl.Checkpointed(segments=1),
                 bl.Checkpointed(segments=4), bl.ForwardMode(), bl.ForwardMode(chunk_size=2)]
 

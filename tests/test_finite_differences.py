@@ -9,6 +9,8 @@ from _problems import DT, rel
 import bilevel as bl
 from bilevel.pytree import tree_from_vector, tree_to_vector
 
+pytestmark = pytest.mark.usefixtures("autodiff_mode")
+
 
 def mlp(params, x):
     h = torch.tanh(x @ params["l1"]["w"] + params["l1"]["b"])

@@ -19,8 +19,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.func import vjp
 
+from ..autodiff import vjp
 from ..problem import BilevelError, HypergradResult
 from ..pytree import tree_add, tree_detach, tree_zeros_like
 from ..unroll import outer_value, run, stack_losses, start_carry

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
-from torch.func import grad_and_value
 
 import bilevel as bl
 
@@ -40,7 +39,7 @@ class PullBackGD(bl.InnerSolver):
 
     def step(self, grad_fn, params, state, hparams, batch):
         if state < self.sgd_steps:
-            grads, value = grad_and_value(lambda p: self.loss(p, hparams, batch))(params)
+            grads, value = bl.autodiff.grad_and_value(self.loss)(params, hparams, batch)
             return {n: params[n] - self.lr * grads[n] for n in params}, state + 1, value
         value = self.loss(params, hparams, batch)
         return ({n: params[n] - self.lr * self.reg * (params[n] - hparams[n]) for n in params},
