@@ -77,11 +77,16 @@ def check_result(result: HypergradResult, strict: bool = True, owner: object = N
             _warn(owner, "diverging", f"the inner loss grew from {rows[worst, 0].item():.4g} to "
                   f"{rows[worst, -1].item():.4g} over {rows.shape[-1]} inner steps: the inner "
                   f"solver is diverging (lower its learning rate)")
-    for what, tree in (("inner solution params", result.params), ("hypergradient", result.grad),
-                       ("outer loss", result.outer_loss)):
-        for path, leaf in tree_paths(tree):
-            if concrete_bool(torch.isfinite(leaf).all()) is False:
-                raise FloatingPointError(f"the {what}{path} holds NaN/inf")
+    trees = (("inner solution params", result.params), ("hypergradient", result.grad),
+             ("outer loss", result.outer_loss))
+    sums = [leaf.sum() for _, tree in trees for leaf in tree_leaves(tree)]
+    # one check for all leaves (a NaN/inf anywhere makes its leaf's sum non-finite), then
+    # leaf by leaf only to name the culprit
+    if sums and concrete_bool(torch.isfinite(torch.stack(sums)).all()) is False:
+        for what, tree in trees:
+            for path, leaf in tree_paths(tree):
+                if concrete_bool(torch.isfinite(leaf).all()) is False:
+                    raise FloatingPointError(f"the {what}{path} holds NaN/inf")
     converged = result.info.get("linsolve_converged")
     if converged is not None and concrete_bool(converged.all()) is False:
         res = result.info["linsolve_rel_residual"]

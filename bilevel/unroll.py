@@ -73,11 +73,16 @@ def tail_hypergrad(problem: BilevelProblem, solver: InnerSolver, hparams: PyTree
                                      start_carry(problem, solver, const, params0), steps - tracked)
     w_pre, s_pre = tree_detach(w_pre), tree_detach(s_pre)
     delta = None
-    if problem.init is not None:  # keep the identity path through w_0 = init(λ)
+    if problem.init is not None and tracked < steps:  # keep the identity path through w_0
         delta = tree_detach(tree_sub(w_pre, problem.init(const)))
 
     def objective(h: PyTree, inner_batch: Any, outer_batch: Any):
-        w = w_pre if delta is None else tree_map(torch.add, problem.init(h), delta)
+        if problem.init is None:
+            w = w_pre
+        elif delta is None:  # nothing untracked: w_0 = init(λ) itself
+            w = problem.init(h)
+        else:
+            w = tree_map(torch.add, problem.init(h), delta)
         (w_K, _), losses = run(problem, solver, h, inner_batch, (w, s_pre), tracked)
         f = outer_value(problem, w_K, h, outer_batch)
         return f, (tree_detach(w_K), losses)

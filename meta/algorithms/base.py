@@ -103,7 +103,8 @@ def _check_steps(value: Any, name: str) -> None:
 
 def _stack(results: list[Any]) -> Any:
     """Stack a list of like pytrees (HypergradResults, param dicts) along a new task dim."""
-    return tree_map(lambda *xs: torch.stack(xs), results[0], *results[1:])
+    return tree_map(lambda *xs: None if xs[0] is None else torch.stack(xs), results[0],
+                    *results[1:])
 
 
 class MetaLearner:
@@ -260,11 +261,48 @@ class MetaLearner:
         return _stack([self.task_hypergrad(hparams, batch.task(i))
                        for i in range(batch.num_tasks)])
 
-    def meta_gradient(self, batch: TaskBatch, hparams: Params | None = None
+    def meta_gradient(self, batch: TaskBatch, hparams: Params | None = None, *,
+                      accuracy: bool = False, keep_adapted: bool = False
                       ) -> tuple[Params, bl.HypergradResult]:
-        """(mean meta-gradient over the tasks, stacked per-task results); writes nothing."""
-        res = self.batch_hypergrad(batch, hparams)
-        return {n: g.mean(0) for n, g in res.grad.items()}, res
+        """(mean meta-gradient over the tasks, per-task results); writes nothing.
+
+        The per-task results are stacked along a leading task dim WITHOUT their gradients
+        (``res.grad`` is None: the loop keeps a running sum, like ``backward()`` would) and,
+        unless ``keep_adapted=True``, without the adapted parameters (``res.params`` is None),
+        so the loop holds one task's graph and parameters at a time (:meth:`batch_hypergrad`
+        keeps everything). ``accuracy=True`` adds the query accuracy of each adapted model as
+        ``res.info["accuracy"]``."""
+        batch = self._prepare(batch)
+        self._consts = self.constants()
+        hparams = self.hparams() if hparams is None else hparams
+        metric = (lambda p, q: self._query_metric(p, hparams, q)) if accuracy else None
+        if self.use_vmap():
+            res = self.batch_hypergrad(batch, hparams)
+            grads = {n: g.mean(0) for n, g in res.grad.items()}
+            info = dict(res.info)
+            if metric is not None:
+                with torch.no_grad():
+                    info["accuracy"] = self._per_task(metric, res.params, batch.query)
+            return grads, bl.HypergradResult(None, res.params if keep_adapted else None,
+                                             res.outer_loss, info)
+        total: Params | None = None
+        results = []
+        for i in range(batch.num_tasks):
+            task = batch.task(i)
+            r = self.task_hypergrad(hparams, task)
+            if total is None:
+                total = dict(r.grad)
+            else:
+                for n, g in r.grad.items():
+                    total[n] = total[n] + g
+            info = dict(r.info)
+            if metric is not None:
+                with torch.no_grad():
+                    info["accuracy"] = metric(r.params, task.query)
+            results.append(bl.HypergradResult(None, r.params if keep_adapted else None,
+                                              r.outer_loss, info))
+        assert total is not None
+        return {n: g / batch.num_tasks for n, g in total.items()}, _stack(results)
 
     def accumulate(self, grads: Params) -> None:
         """Add ``grads`` to the ``.grad`` of the named model parameters (like ``backward``)."""
@@ -281,11 +319,14 @@ class MetaLearner:
         """Meta-gradient of the batch (mean over tasks) ADDED to the parameters' ``.grad``;
         returns ``{"loss": mean query loss after adaptation, "accuracy": query accuracy}``
         (accuracy is NaN for non-classification losses)."""
-        batch = self._prepare(batch)
-        hparams = self.hparams()
-        grads, res = self.meta_gradient(batch, hparams)
+        grads, res = self.meta_gradient(batch, accuracy=self.loss_name == "cross_entropy")
         self.accumulate(grads)
-        return self._metrics(res.params, hparams, batch, res.outer_loss)
+        return self._summary(res)
+
+    def _summary(self, res: bl.HypergradResult) -> dict[str, float]:
+        acc = res.info.get("accuracy")
+        return {"loss": float(res.outer_loss.mean()),
+                "accuracy": math.nan if acc is None else float(acc.mean())}
 
     # ------------------------------------------------------------------ metrics / meta-test
     def _full(self, adapted: Params, hparams: Params) -> Params:
@@ -300,6 +341,7 @@ class MetaLearner:
 
     def _metrics(self, adapted: Params, hparams: Params, batch: TaskBatch,
                  outer_loss: torch.Tensor) -> dict[str, float]:
+        """Summary from stacked adapted parameters (learners that do not use meta_gradient)."""
         loss = float(outer_loss.mean())
         if self.loss_name != "cross_entropy":
             return {"loss": loss, "accuracy": math.nan}

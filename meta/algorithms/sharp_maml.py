@@ -60,8 +60,9 @@ class SharpMAML(MetaLearner):
     def meta_step(self, batch: TaskBatch) -> dict[str, float]:
         batch = self._prepare(batch)
         hparams = self.hparams()
-        grads, res = self.meta_gradient(batch, hparams)
-        metrics = self._metrics(res.params, hparams, batch, res.outer_loss)
+        grads, res = self.meta_gradient(batch, hparams,
+                                        accuracy=self.loss_name == "cross_entropy")
+        metrics = self._summary(res)
         if self.rho_outer > 0:
             grads = self.sharp_gradient(batch, hparams, grads)
         self.accumulate(grads)
