@@ -130,7 +130,8 @@ def grad_and_value(fn: Callable, argnums: int | tuple[int, ...] = 0, has_aux: bo
 
 def vjp(fn: Callable, *primals: Any) -> tuple[Any, Callable]:
     """``torch.func.vjp``: ``(fn(*primals), pull)`` with ``pull(cotangents) -> tuple`` of one
-    pytree per primal. The graph is kept while ``pull`` lives (``pull`` may be called again)."""
+    pytree per primal. The graph is kept while ``pull`` lives (``pull`` may be called again).
+    On plain autograd ``pull(cotangents, only=i)`` pulls back to primal ``i`` alone."""
     if not eager():
         return tf.vjp(fn, *primals)
     create_graph = torch.is_grad_enabled() and _requires_grad(primals)
@@ -139,19 +140,24 @@ def vjp(fn: Callable, *primals: Any) -> tuple[Any, Callable]:
     with torch.enable_grad():
         out = fn(*[tree_unflatten(a, spec) for a, (_, spec) in zip(aliased, flat, strict=True)])
     out_leaves, out_spec = tree_flatten(out)
-    inputs = [x for a in aliased for x in a]
 
-    def pull(cotangents: Any) -> tuple[Any, ...]:
+    def pull(cotangents: Any, only: int | None = None) -> tuple[Any, ...]:
+        """One pytree per primal; with ``only=i`` just primal ``i``'s (the others ``None``:
+        autograd then skips the parts of the graph only they need)."""
         cot = tree_leaves(cotangents)
         if len(cot) != len(out_leaves):
             raise RuntimeError(f"vjp: expected cotangents for {len(out_leaves)} outputs, got "
                                f"{len(cot)}")
+        wanted = [i for i in range(len(aliased)) if only is None or i == only]
+        inputs = [x for i in wanted for x in aliased[i]]
         with torch.enable_grad():
             grads = _grads(out_leaves, inputs, cot, create_graph, retain_graph=True)
-        result, start = [], 0
-        for a, (_, spec) in zip(aliased, flat, strict=True):
-            result.append(tree_unflatten(grads[start:start + len(a)], spec))
-            start += len(a)
+        result: list[Any] = [None] * len(aliased)
+        start = 0
+        for i in wanted:
+            n = len(aliased[i])
+            result[i] = tree_unflatten(grads[start:start + n], flat[i][1])
+            start += n
         return tuple(result)
 
     shown = out if create_graph else tree_unflatten(

@@ -17,7 +17,7 @@ import torch
 
 from .autodiff import grad_and_value
 from .problem import BilevelProblem, HypergradResult, call_loss
-from .pytree import PyTree, tree_detach, tree_map, tree_sub
+from .pytree import PyTree, tree_detach, tree_map, tree_norm, tree_sub
 from .solvers import InnerSolver
 
 Carry = tuple[PyTree, PyTree]  # (params, solver state)
@@ -36,9 +36,19 @@ def inner_grad_fn(problem: BilevelProblem):
 
 
 def run(problem: BilevelProblem, solver: InnerSolver, hparams: PyTree, batch: Any,
-        carry: Carry, steps: int) -> tuple[Carry, list[torch.Tensor]]:
-    """``steps`` solver iterations from ``carry``; returns the new carry and the inner losses."""
+        carry: Carry, steps: int, first_grad_norm: list | None = None
+        ) -> tuple[Carry, list[torch.Tensor]]:
+    """``steps`` solver iterations from ``carry``; returns the new carry and the inner losses.
+    A ``first_grad_norm`` list receives ‖∇_w g(w_0)‖ from the solver's first gradient call."""
     grad_fn = inner_grad_fn(problem)
+    if first_grad_norm is not None:
+        plain_grad_fn = grad_fn
+
+        def grad_fn(params, hparams, batch):
+            grads, loss = plain_grad_fn(params, hparams, batch)
+            if not first_grad_norm:
+                first_grad_norm.append(tree_norm(tree_detach(grads)))
+            return grads, loss
     params, state = carry
     losses = []
     for _ in range(steps):

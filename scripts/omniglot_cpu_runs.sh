@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
 # The short CPU Omniglot runs quoted in README (one thread each, run one after another).
-# Usage: OMNIGLOT_ROOT=../shared/data/omniglot bash scripts/omniglot_cpu_runs.sh [OUTDIR]
-# Each run writes OUTDIR/<name>/{metrics.csv,results.json,curve.png,checkpoint.pt};
-# an interrupted run continues with the same command (--resume).
+# Usage: OMNIGLOT_ROOT=../shared/data/omniglot bash scripts/omniglot_cpu_runs.sh OUTDIR [NAME...]
+# (no NAME: all runs below). Each run writes OUTDIR/<name>/{metrics.csv,results.json,curve.png,
+# checkpoint.pt} and OUTDIR/<name>.log; an interrupted run continues where it stopped (--resume).
+# Two queues fit two cores, e.g. "... fomaml-5w1s anil-5w1s signmaml-5w1s imaml-5w1s" and
+# "... sharpmaml-5w1s memoryreduced-5w1s maml-5w5s" in parallel.
 set -u
 out=${1:-runs/omniglot-cpu}
-run() {  # name, then meta-train arguments
-    local name=$1; shift
-    local resume=""
-    [ -f "$out/$name/checkpoint.pt" ] && resume="--resume"
-    meta-train --dataset omniglot --threads 1 --no-progress --out "$out/$name" $resume "$@" \
-        > "$out/$name.log" 2>&1 || echo "run $name failed (see $out/$name.log)"
-}
+shift || true
+declare -A ARGS=(
+    [fomaml-5w1s]="--algorithm fomaml --iterations 1000"
+    [anil-5w1s]="--algorithm anil --iterations 1000"
+    [signmaml-5w1s]="--algorithm signmaml --iterations 1000"
+    [imaml-5w1s]="--algorithm imaml --iterations 300"
+    [sharpmaml-5w1s]="--algorithm sharpmaml --iterations 300"
+    [memoryreduced-5w1s]="--algorithm memoryreduced --iterations 500"
+    [maml-5w5s]="--algorithm maml --shots 5 --iterations 500"
+)
+ORDER=(fomaml-5w1s anil-5w1s signmaml-5w1s imaml-5w1s sharpmaml-5w1s memoryreduced-5w1s maml-5w5s)
+names=("$@")
+[ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 mkdir -p "$out"
-run fomaml-5w1s        --algorithm fomaml        --iterations 1000
-run anil-5w1s          --algorithm anil          --iterations 1000
-run signmaml-5w1s      --algorithm signmaml      --iterations 1000
-run imaml-5w1s         --algorithm imaml         --iterations 300
-run sharpmaml-5w1s     --algorithm sharpmaml     --iterations 300
-run memoryreduced-5w1s --algorithm memoryreduced --iterations 500
-run maml-5w5s          --algorithm maml          --shots 5 --iterations 500
+for name in "${names[@]}"; do
+    [ -n "${ARGS[$name]:-}" ] || { echo "unknown run $name (one of: ${ORDER[*]})"; exit 2; }
+    resume=""
+    [ -f "$out/$name/checkpoint.pt" ] && resume="--resume"
+    # shellcheck disable=SC2086
+    meta-train --dataset omniglot --threads 1 --no-progress --out "$out/$name" $resume \
+        ${ARGS[$name]} > "$out/$name.log" 2>&1 || echo "run $name failed (see $out/$name.log)"
+done

@@ -136,3 +136,15 @@ def test_hypergrad_is_differentiable_when_hparams_require_grad():
     g = P.T @ q.Q @ (P @ theta + (torch.eye(4, dtype=DT) - P) @ q.a - q.b)
     exact = 2 * (P.T @ q.Q @ P).T @ g
     assert rel(ours, exact) < 1e-12 and rel(ref, exact) < 1e-12
+
+
+def test_vjp_pull_to_one_primal(args):
+    w, h, batch = args
+    fn = lambda w, h: tf.grad(f)(w, h, batch)  # noqa: E731
+    _, pull = ad.vjp(fn, w, h)
+    v = {k: torch.ones_like(x) for k, x in w.items()}
+    both = pull(v)
+    only_w, only_h = pull(v, only=0), pull(v, only=1)
+    assert only_w[1] is None and only_h[0] is None
+    _close(only_w[0], both[0])
+    _close(only_h[1], both[1])

@@ -70,14 +70,18 @@ class Implicit(Estimator):
     def __call__(self, problem, solver, hparams, inner_batch, outer_batch, params0):
         const = tree_detach(hparams)
         carry = tree_detach(start_carry(problem, solver, const, params0))
-        (w_K, _), losses = run(problem, solver, const, inner_batch, carry, solver.steps)
+        norm0: list = []
+        (w_K, _), losses = run(problem, solver, const, inner_batch, carry, solver.steps,
+                               first_grad_norm=norm0 if self.stationarity_rtol is not None
+                               else None)
         w_K = tree_detach(w_K)
         return self.at_solution(problem, hparams, w_K, inner_batch, outer_batch,
-                                losses=losses, w_0=carry[0])
+                                losses=losses, w_0=carry[0], grad_norm0=(norm0 or [None])[0])
 
     def at_solution(self, problem, hparams, w_K, inner_batch: Any, outer_batch: Any,
-                    losses=(), w_0=None, v0=None) -> HypergradResult:
-        """The implicit hypergradient at a given inner solution ``w_K``."""
+                    losses=(), w_0=None, v0=None, grad_norm0=None) -> HypergradResult:
+        """The implicit hypergradient at a given inner solution ``w_K`` (``w_0`` or its
+        ``grad_norm0`` = ‖∇_w g(w_0)‖ only serve the stationarity check)."""
         const = tree_detach(hparams)
 
         def inner_loss(w, h, batch):
@@ -90,13 +94,22 @@ class Implicit(Estimator):
             lambda w, h, batch: outer_value(problem, w, h, batch), argnums=(0, 1))(
                 w_K, hparams, outer_batch)
 
-        v, solve_info = self._solve(lambda w: inner_grad(w, const), w_K, gw_f, v0)
-        g_K, pull_mixed = vjp(lambda h: inner_grad(w_K, h), hparams)
-        mixed = pull_mixed(v)[0]
+        if eager() and self.hvp != "forward":
+            # plain autograd: ONE graph of ∇_w g(w_K, λ) serves every H·v (pulled back to w
+            # only) and the mixed term (pulled back to λ only)
+            g_K, pull = vjp(inner_grad, w_K, hparams)
+            v, solve_info = self.linsolve(lambda u: pull(u, only=0)[0], gw_f, v0)
+            mixed = pull(v, only=1)[1]
+        else:
+            v, solve_info = self._solve(lambda w: inner_grad(w, const), w_K, gw_f, v0)
+            g_K, pull_mixed = vjp(lambda h: inner_grad(w_K, h), hparams)
+            mixed = pull_mixed(v)[0]
         grads = tree_sub(gh_f, mixed)
 
         info = {"inner_loss": stack_losses(list(losses), f), "inner_grad_norm": tree_norm(g_K)}
-        if w_0 is not None:
+        if grad_norm0 is not None:
+            info["inner_grad_norm0"] = grad_norm0
+        elif w_0 is not None and self.stationarity_rtol is not None:
             info["inner_grad_norm0"] = tree_norm(inner_grad(w_0, const))
         info.update({f"linsolve_{k}": t for k, t in solve_info.items()})
         self._warn(problem, info, mixed)
