@@ -32,11 +32,12 @@ Conventions shared by every learner
   strict=True)`` reports NaN/inf outside vmap. ``vectorize=False`` loops over the tasks.
   ``None`` (default) = ``True`` on CUDA, ``False`` on CPU. Measured on the shared 2-core CPU of
   the development machine (torch 2.13, float32, Conv4 hidden 64, 16 tasks 5-way 1-shot 15
-  queries, 28x28; median of 7 steps, two runs): MAML K=1 0.61-0.68 s/meta_step looped vs
-  0.96-1.26 s vmapped; K=5 1.36-1.46 s looped vs 1.05-1.20 s vmapped. Looping wins at the
-  default K=1 and holds one task's graph at a time (vmap holds all B), hence ``False`` on CPU;
-  pass ``vectorize=True`` for many inner steps. The CUDA default is not measured here (no GPU
-  in that session): one batched kernel per op instead of B small ones is the usual GPU win.
+  queries, 28x28, 1 thread, median of 5 interleaved steps, 2026-11-23, other jobs running):
+  MAML ``meta_step`` K=1 0.61 s looped vs 1.99 s vmapped; K=5 1.14 s looped vs 1.32 s
+  vmapped. The loop runs on plain autograd with the fused batch norm (see
+  :mod:`bilevel.autodiff`) and holds one task's graph at a time, hence ``False`` on CPU. The
+  CUDA default is not measured here (no GPU in these sessions): one batched kernel per op
+  instead of B small ones is the usual GPU win.
   Vmapped and looped meta-gradients agree to ~1e-13 relative in float64 (tested, with BN).
 - DDP / several processes: meta-gradients land in ``.grad`` like ``backward()`` would put them,
   but no ``backward()`` runs, so ``DistributedDataParallel``'s gradient hooks never fire. Give
