@@ -6,6 +6,7 @@
 # Two queues fit two cores, e.g. "... fomaml-5w1s anil-5w1s signmaml-5w1s imaml-5w1s" and
 # "... sharpmaml-5w1s memoryreduced-5w1s maml-5w5s" in parallel.
 set -u
+export OMNIGLOT_ROOT=${OMNIGLOT_ROOT:-../shared/data/omniglot}
 out=${1:-runs/omniglot-cpu}
 shift || true
 declare -A ARGS=(

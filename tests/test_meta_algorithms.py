@@ -384,6 +384,14 @@ def test_evaluate_and_adapt(name):
     assert logits.shape == (WAYS * QUERIES, WAYS)
 
 
+def test_evaluate_refuses_a_diverged_adaptation():
+    model = make_model(6)
+    learner = meta.MAML(model, inner_lr=0.1, inner_steps=1, eval_inner_lr=1e30,
+                        eval_inner_steps=5, vectorize=False)
+    with pytest.raises(FloatingPointError, match="NaN/inf"):
+        learner.evaluate(iter([make_batch(7, tasks=2)]), num_tasks=2)
+
+
 def test_memory_reduced_adapts_only_the_head_at_test_time():
     model = make_model(10)
     learner = meta.MemoryReducedMAML(model)

@@ -394,6 +394,10 @@ class MetaLearner:
                 batch = TaskBatch(tree_map(lambda t, k=take: t[:k], batch.support),
                                   tree_map(lambda t, k=take: t[:k], batch.query))
             adapted = self._per_task(lambda s: self._adapt_one(hparams, s), batch.support)
+            for n, t in adapted.items():
+                if not bool(torch.isfinite(t).all()):
+                    raise FloatingPointError(f"evaluate: the adapted parameter {n!r} holds "
+                                             f"NaN/inf: lower eval_inner_lr or eval_inner_steps")
             with torch.no_grad():
                 scores.append(self._per_task(lambda p, q: self._query_metric(p, hparams, q),
                                              adapted, batch.query).detach())
@@ -403,6 +407,11 @@ class MetaLearner:
         if not seen:
             raise ValueError("evaluate got no tasks from the iterator")
         values = torch.cat(scores).double().cpu()
+        if not bool(torch.isfinite(values).all()):
+            bad = int((~torch.isfinite(values)).sum())
+            raise FloatingPointError(f"evaluate: {bad} of {len(values)} tasks scored NaN/inf "
+                                     f"after adaptation: lower eval_inner_lr or "
+                                     f"eval_inner_steps")
         mean = float(values.mean())
         ci = 1.96 * float(values.std(correction=0)) / math.sqrt(len(values))
         return mean, ci
