@@ -13,10 +13,10 @@ declare -A ARGS=(
     [fomaml-5w1s]="--algorithm fomaml --iterations 1000"
     [anil-5w1s]="--algorithm anil --iterations 1000"
     [signmaml-5w1s]="--algorithm signmaml --iterations 1000"
-    [imaml-5w1s]="--algorithm imaml --iterations 300"
-    [sharpmaml-5w1s]="--algorithm sharpmaml --iterations 300"
+    [imaml-5w1s]="--algorithm imaml --iterations 100"
+    [sharpmaml-5w1s]="--algorithm sharpmaml --iterations 100"
     [memoryreduced-5w1s]="--algorithm memoryreduced --iterations 500"
-    [maml-5w5s]="--algorithm maml --shots 5 --iterations 500"
+    [maml-5w5s]="--algorithm maml --shots 5 --iterations 300"
 )
 ORDER=(fomaml-5w1s anil-5w1s signmaml-5w1s imaml-5w1s sharpmaml-5w1s memoryreduced-5w1s maml-5w5s)
 names=("$@")
