@@ -52,12 +52,13 @@ def _cfg(case: str, method: str, K: int, width: int | None = None,
             "sweeps": [sweep]}
 
 
-def full_grid(cases: list[str]) -> list[dict[str, Any]]:
-    """Every estimator (and the case's peers) vs K, vs width and vs meta-batch."""
+def full_grid(cases: list[str], ks: list[int] | None = None) -> list[dict[str, Any]]:
+    """Every estimator (and the case's peers) vs K (``ks``, default K_FULL), vs width and vs
+    meta-batch."""
     grid = []
     for case in cases:
         for method in _methods(case):
-            grid += [_cfg(case, method, K) for K in K_FULL]
+            grid += [_cfg(case, method, K) for K in (ks or K_FULL)]
             if method.endswith("_fo"):  # first-order peers: the K sweep only
                 continue
             grid += [_cfg(case, method, SWEEP_K[case], width=w, sweep="width")
@@ -201,6 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--name", default=None, help="results file stem (default quick/full)")
     ap.add_argument("--only", default=None, help="comma-separated cases")
     ap.add_argument("--estimators", default=None, help="comma-separated methods to keep")
+    ap.add_argument("--k", default=None,
+                    help="comma-separated inner-step counts of the K sweep (full grid; default "
+                         + ",".join(map(str, K_FULL)) + ")")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--time-budget", type=float, default=None,
@@ -234,7 +238,13 @@ def build_grid(opts: argparse.Namespace) -> list[dict[str, Any]]:
     unknown = [c for c in cases if c not in C.CASES]
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; known: {sorted(C.CASES)}")
-    grid = quick_grid(cases) if opts.quick else full_grid(cases)
+    try:
+        ks = [int(k) for k in opts.k.split(",")] if opts.k else None
+    except ValueError:
+        raise SystemExit(f"--k must be comma-separated integers, got {opts.k!r}") from None
+    if ks is not None and (opts.quick or min(ks) < 1):
+        raise SystemExit("--k takes positive step counts and applies to the full grid only")
+    grid = quick_grid(cases) if opts.quick else full_grid(cases, ks)
     if opts.estimators:
         keep = {m.strip() for m in opts.estimators.split(",")}
         grid = [g for g in grid if g["estimator"] in keep]

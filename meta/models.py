@@ -118,10 +118,14 @@ class Conv4(nn.Module):
         self.features = nn.Sequential(blocks)
         self.head = nn.Linear(hidden, out_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, H, W]`` grey images get their channel dim (``[n, 1, H, W]``)."""
         if x.dim() == 3 and self.in_channels == 1:
             x = x.unsqueeze(-3)
-        return self.head(self.features(x))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(self.prepare_input(x)))
 
 
 class MLP(nn.Module):

@@ -165,3 +165,22 @@ def test_quick_grid_covers_the_claims():
     assert {g["inner_steps"] for g in full} == {1, 5, 10, 25, 50, 100, 200}
     assert {g["width"] for g in full} >= {32, 1024}
     assert {g["meta_batch"] for g in full} >= {1, 32}
+    narrowed = build_grid(parse_args(["--only", "conv4_maml", "--k", "1,5"]))
+    assert {g["inner_steps"] for g in narrowed} == {1, 5}
+    with pytest.raises(SystemExit, match="--k"):
+        build_grid(parse_args(["--only", "mlp", "--k", "1,x"]))
+
+
+def test_learners_benchmark_one_row_and_table(tmp_path):
+    """benchmarks.learners end to end on a tiny Conv4 (two rows, fresh processes)."""
+    from benchmarks import learners as LB
+
+    rows = "MAML K=1,memory-reduced T=20 N=20"
+    assert LB.main(["--only", rows, "--width", "4", "--meta-batch", "1", "--repeats", "1",
+                    "--out", str(tmp_path), "--name", "lb"]) == 0
+    recs = json.loads((tmp_path / "lb.json").read_text())
+    assert [r["status"] for r in recs] == ["ok", "ok"], recs
+    assert recs[1]["estimator"] == "HistoryFree" and recs[1]["time_s"] > 0
+    assert "| memory-reduced T=20 N=20 | `HistoryFree` |" in (tmp_path / "lb.md").read_text()
+    with pytest.raises(SystemExit, match="unknown row"):
+        LB.main(["--only", "MAML K=7", "--out", str(tmp_path)])

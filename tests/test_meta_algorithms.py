@@ -422,3 +422,40 @@ def test_vmapped_nonfinite_is_reported():
         warnings.simplefilter("ignore")
         with pytest.raises(FloatingPointError):
             meta.MAML(model, inner_lr=1e200, inner_steps=2, vectorize=True).meta_step(batch)
+
+
+@pytest.mark.parametrize("name", ["anil", "memoryreduced"])
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_head_only_feature_cache_equals_per_step_backbone(name, vectorize):
+    """Backbone once per task (features as hyperparameters, one VJP) == the backbone inside
+    every head step; meta-test adaptation too."""
+    batch, kw = make_batch(11), SETTINGS[name]
+    cached = meta.make_learner(name, make_model(3), vectorize=vectorize, **kw)
+    plain = meta.make_learner(name, make_model(3), vectorize=vectorize, cache_features=False,
+                              **kw)
+    assert cached.cache_features and not plain.cache_features
+    assert rel(meta_grad(cached, batch), meta_grad(plain, batch)) < 1e-10
+    support = batch.task(0).support
+    assert rel(cached.adapt(support), plain.adapt(support)) < 1e-10
+
+
+def test_head_only_feature_cache_refuses_a_model_it_would_get_wrong():
+    class Skip(torch.nn.Module):  # forward is not head(features(x))
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, WAYS)
+
+        def forward(self, x):
+            return self.head(self.features(x) + x)
+
+    model = Skip().to(DT)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, WAYS, 4, dtype=DT, generator=g)
+    y = torch.arange(WAYS).repeat(2, 1)
+    batch = meta.TaskBatch((x, y), (x, y))
+    with pytest.raises(ValueError, match="cache_features=False"):
+        meta.ANIL(model, vectorize=False).meta_step(batch)
+    meta.ANIL(model, vectorize=False, cache_features=False).meta_step(batch)  # runs
+    with pytest.raises(ValueError, match="'features' submodule"):
+        meta.ANIL(torch.nn.ModuleDict({"head": torch.nn.Linear(2, 2)}), cache_features=True)

@@ -76,7 +76,7 @@ install_learn2learn() {
     fi
     # runtime deps that `import learn2learn` needs besides gym/torchvision (placeholdered at
     # import time by benchmarks/peers/_stubs.py); all pure/binary wheels that do not need torch
-    for mod_pkg in numpy:numpy scipy:scipy requests:requests tqdm:tqdm; do
+    for mod_pkg in numpy:numpy scipy:scipy requests:requests tqdm:tqdm PIL:pillow; do
         "$PYTHON" -c "import ${mod_pkg%%:*}" 2>/dev/null || "${PIP[@]}" install "${mod_pkg##*:}" \
             || { echo "pip install ${mod_pkg##*:} failed"; return 1; }
     done

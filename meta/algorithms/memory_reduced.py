@@ -11,9 +11,10 @@ import bilevel as bl
 
 from ..models import split_params
 from .base import MetaLearner, Params
+from .head_only import HeadOnlyMixin
 
 
-class MemoryReducedMAML(MetaLearner):
+class MemoryReducedMAML(HeadOnlyMixin, MetaLearner):
     """Backbone = upper variable, linear head = lower variable; history-free hypergradient.
 
     Upper variable x = ``features.*`` (the only parameters that ever get ``.grad``: give the
@@ -22,8 +23,10 @@ class MemoryReducedMAML(MetaLearner):
     y = the ``head.*`` parameters, started every time from the model's head as initialised
     (the official fixed random init: drawn once with the model, stored in it, never updated).
 
-    Per task: ``inner_steps`` (T = 20) GD steps of ``inner_lr`` (0.1) on the support
-    cross-entropy of the head (backbone fixed, no graph), then ``bl.HistoryFree(iters=cg_iters)``
+    Per task: the backbone features of support and query, computed ONCE (as the official code's
+    detached features; :mod:`meta.algorithms.head_only`, the gradient reaches the backbone by
+    one VJP), ``inner_steps`` (T = 20) GD steps of ``inner_lr`` (0.1) on the support
+    cross-entropy of the head (no graph), then ``bl.HistoryFree(iters=cg_iters)``
     (N = 20 CG steps, no early stop, v_0 = 0) at y_T: ``.grad`` receives
     (1/B) Σ_i [∇_x f_i(x, y_T) − ∇²_xy g_i(x, y_T) · CG_N(∇²_yy g_i(x, y_T), ∇_y f_i(x, y_T))].
     The head's Hessian is singular (no regulariser, as the official code); ``bl.CG`` stops on
@@ -42,8 +45,10 @@ class MemoryReducedMAML(MetaLearner):
     def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 20, *,
                  cg_iters: int = 20, damping: float = 0.0, vectorize: bool | None = None,
                  estimator: bl.Estimator | None = None, loss: str | Callable = "cross_entropy",
-                 eval_inner_steps: int | None = 20, eval_inner_lr: float | None = 0.05):
+                 eval_inner_steps: int | None = 20, eval_inner_lr: float | None = 0.05,
+                 cache_features: bool | None = None):
         split_params(model)  # fail early without a head
+        self._set_cache(model, cache_features)
         if not isinstance(cg_iters, int) or cg_iters < 0:
             raise ValueError(f"cg_iters must be a non-negative int, got {cg_iters!r}")
         if not isinstance(damping, (int, float)) or damping < 0:
