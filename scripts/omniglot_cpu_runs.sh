@@ -11,12 +11,12 @@ out=${1:-runs/omniglot-cpu}
 shift || true
 declare -A ARGS=(
     [fomaml-5w1s]="--algorithm fomaml --iterations 1500"
-    [anil-5w1s]="--algorithm anil --iterations 1500"
-    [signmaml-5w1s]="--algorithm signmaml --iterations 1500"
-    [imaml-5w1s]="--algorithm imaml --iterations 400"
-    [sharpmaml-5w1s]="--algorithm sharpmaml --iterations 500"
-    [memoryreduced-5w1s]="--algorithm memoryreduced --iterations 1000"
-    [maml-5w5s]="--algorithm maml --shots 5 --iterations 1500"
+    [anil-5w1s]="--algorithm anil --iterations 1000"
+    [signmaml-5w1s]="--algorithm signmaml --iterations 1000"
+    [imaml-5w1s]="--algorithm imaml --iterations 250"
+    [sharpmaml-5w1s]="--algorithm sharpmaml --iterations 300"
+    [memoryreduced-5w1s]="--algorithm memoryreduced --iterations 600"
+    [maml-5w5s]="--algorithm maml --shots 5 --iterations 1000"
 )
 ORDER=(fomaml-5w1s anil-5w1s signmaml-5w1s imaml-5w1s sharpmaml-5w1s memoryreduced-5w1s maml-5w5s)
 names=("$@")
