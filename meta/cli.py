@@ -119,10 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("learner")
     g.add_argument("--inner-steps", type=_int(0), metavar="K",
-                   help=_defaults("inner_steps") + "; imaml, memoryreduced and reptile use "
-                        "their learner's default")
+                   help=_defaults("inner_steps") + "; imaml, memoryreduced, reptile and "
+                        "signmaml use their learner's default")
     g.add_argument("--inner-lr", type=_positive_float, metavar="LR",
-                   help=_defaults("inner_lr") + "; signmaml uses its learner's default")
+                   help=_defaults("inner_lr") + "; signmaml, and on omniglot imaml, "
+                        "memoryreduced and reptile, use their learner's default")
     g.add_argument("--eval-inner-steps", type=_int(0), metavar="K",
                    help="inner steps at validation and test; default 10 (at least "
                         "--inner-steps; memoryreduced: its learner's 20)")

@@ -354,3 +354,18 @@ def test_progress_bar_on_a_tty_and_lines_otherwise():
     out = plain.getvalue().splitlines()
     assert len(out) == 2 and out[0].startswith("iter 5/10 | mse 1.0000 |")
     assert "\r" not in plain.getvalue() and "acc" not in plain.getvalue()
+
+
+def test_multi_step_learners_keep_their_own_inner_loop_on_omniglot():
+    """MAML's Omniglot 0.4 x 1 is not applied to learners with multi-step inner loops (16 steps
+    of 0.4 diverge for iMAML); an explicit --inner-lr still wins."""
+    from meta.train import TrainConfig, resolve
+
+    got = {a: (c.inner_lr, c.inner_steps) for a in ("maml", "imaml", "memoryreduced",
+                                                    "reptile", "signmaml")
+           for c in [resolve(TrainConfig(algorithm=a, dataset="omniglot"))]}
+    assert got == {"maml": (0.4, 1), "imaml": (0.1, 16), "memoryreduced": (0.1, 20),
+                   "reptile": (0.1, 5), "signmaml": (0.0035, 5)}
+    assert resolve(TrainConfig(algorithm="imaml", dataset="sinusoid")).inner_lr == 0.01
+    assert resolve(TrainConfig(algorithm="imaml", dataset="omniglot",
+                               inner_lr=0.2)).inner_lr == 0.2
