@@ -13,7 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-
 # (algorithm, ways, shots) -> published test accuracy on Omniglot (%, 95% CI)
 PAPER = {("maml", 5, 1): "98.7 ± 0.4", ("maml", 5, 5): "99.9 ± 0.1",
          ("maml", 20, 1): "95.8 ± 0.3", ("fomaml", 5, 1): "98.3 ± 0.5",
