@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-inner-steps", type=_int(0), metavar="K",
                    help="inner steps at validation and test; default 10 (at least "
                         "--inner-steps; memoryreduced: its learner's 20)")
+    g.add_argument("--eval-inner-lr", type=_positive_float, metavar="LR",
+                   help="inner lr at validation and test; default the learner's (the training "
+                        "--inner-lr; memoryreduced: 0.05, the official code's); may change on "
+                        "--resume (re-test a finished run with another value)")
     g.add_argument("--meta-lr", type=_positive_float, metavar="LR",
                    help="Adam step size; default 0.001")
     g.add_argument("--hidden", type=_hidden, metavar="SIZES",

@@ -88,6 +88,7 @@ class TrainConfig:
     meta_lr: float | None = None
     iterations: int | None = None
     eval_inner_steps: int | None = None
+    eval_inner_lr: float | None = None  # None: the learner's (= inner_lr, memoryreduced 0.05)
     val_every: int | None = None      # 0: no periodic validation
     val_tasks: int | None = None
     test_tasks: int | None = None
@@ -138,7 +139,7 @@ _LEARNER_DEFAULTS = {"imaml": ("inner_steps",), "memoryreduced": ("inner_steps",
 _LEARNER_LR_ON = {"omniglot": ("imaml", "memoryreduced", "reptile")}
 _EXTRAS = ("reg", "cg_iters", "rho_inner", "rho_outer")
 # Fields a resumed run may change: they do not touch the training trajectory.
-RESUME_OVERRIDABLE = {"iterations", "val_every", "val_tasks", "test_tasks", "checkpoint_every",
+RESUME_OVERRIDABLE = {"iterations", "eval_inner_lr", "val_every", "val_tasks", "test_tasks", "checkpoint_every",
                       "log_every", "progress", "out", "data_root", "download", "device"}
 
 
@@ -373,6 +374,8 @@ def _learner(c: TrainConfig, model: torch.nn.Module):
         inner_lr=c.inner_lr, inner_steps=c.inner_steps, eval_inner_steps=c.eval_inner_steps,
         loss="mse" if c.dataset == "sinusoid" else "cross_entropy",
         vectorize={"auto": None, "on": True, "off": False}[c.vectorize])
+    if c.eval_inner_lr is not None:
+        kwargs["eval_inner_lr"] = c.eval_inner_lr
     if c.estimator is not None:
         kwargs["estimator"] = parse_estimator(c.estimator)
     kwargs.update({n: getattr(c, n) for n in _EXTRAS if getattr(c, n) is not None})
@@ -786,7 +789,8 @@ class _Run:
                  else f"Conv4 {c.hidden[0]}")
         head = f"resuming at iteration {self.start}: " if self.start else ""
         return (f"{head}{c.algorithm} on {task}, meta-batch {c.meta_batch}, {model}, "
-                f"inner lr {c.inner_lr} x {c.inner_steps} (test {c.eval_inner_steps}), "
+                f"inner lr {c.inner_lr} x {c.inner_steps} (test {self.learner.eval_inner_lr} x "
+                f"{c.eval_inner_steps}), "
                 f"{self._estimator()}, Adam {c.meta_lr}, {c.iterations} iterations, "
                 f"{c.device} {c.dtype} -> {self.out}")
 
@@ -823,7 +827,8 @@ class _Run:
         results = {
             "algorithm": c.algorithm, "dataset": c.dataset,
             "test": {"metric": "mse" if self.regression else "accuracy", "mean": mean,
-                     "ci95": ci, "tasks": c.test_tasks, "inner_steps": c.eval_inner_steps},
+                     "ci95": ci, "tasks": c.test_tasks, "inner_steps": c.eval_inner_steps,
+                     "inner_lr": self.learner.eval_inner_lr},
             "final_val": ({"iteration": vals[-1]["iteration"],
                            "mean": vals[-1]["loss" if self.regression else "accuracy"],
                            "ci95": vals[-1]["ci95"]} if vals else None),

@@ -31,6 +31,7 @@ def rows(paths: list[str]) -> list[str]:
             a, t = r["args"], r["test"]
             minutes = (r["train_time_s"] + r["test_time_s"]) / 60
             out.append(f"| {r['algorithm']} | {a['ways']}-way {a['shots']}-shot | "
+                       f"{a['inner_lr']:g} x {a['inner_steps']} (test {a['eval_inner_steps']}) | "
                        f"{100 * t['mean']:.2f} ± {100 * t['ci95']:.2f} % | {r['iterations']} | "
                        f"{minutes:.0f} min | {r['device']}, {r['threads']} thread(s), "
                        f"{r['finished'][:10]} | "
@@ -39,7 +40,7 @@ def rows(paths: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    print("| algorithm | setting | test accuracy (600 tasks, 95 % CI) | iterations | wall time "
-          "| device | paper |")
-    print("|---|---|---|---|---|---|---|")
+    print("| algorithm | setting | inner lr x steps | test accuracy (600 tasks, 95 % CI) | "
+          "iterations | wall time | device | paper |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows(sys.argv[1:] or ["runs/omniglot-cpu"])))

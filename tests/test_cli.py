@@ -369,3 +369,17 @@ def test_multi_step_learners_keep_their_own_inner_loop_on_omniglot():
     assert resolve(TrainConfig(algorithm="imaml", dataset="sinusoid")).inner_lr == 0.01
     assert resolve(TrainConfig(algorithm="imaml", dataset="omniglot",
                                inner_lr=0.2)).inner_lr == 0.2
+
+
+def test_eval_inner_lr_flag_and_retest_on_resume(tmp_path):
+    """--eval-inner-lr sets the meta-test adaptation lr and may change on --resume."""
+    from meta.train import TrainConfig, train
+
+    out = tmp_path / "run"
+    kw = dict(algorithm="maml", dataset="sinusoid", iterations=3, val_every=0, test_tasks=5,
+              out=str(out), progress=False)
+    first = train(TrainConfig(**kw, eval_inner_lr=0.02), stream=io.StringIO())
+    assert first["test"]["inner_lr"] == 0.02
+    again = train(TrainConfig(**{**kw, "eval_inner_lr": 0.005}), resume=True,
+                  stream=io.StringIO())
+    assert again["test"]["inner_lr"] == 0.005 and again["iterations"] == 3
