@@ -139,7 +139,8 @@ _LEARNER_DEFAULTS = {"imaml": ("inner_steps",), "memoryreduced": ("inner_steps",
 _LEARNER_LR_ON = {"omniglot": ("imaml", "memoryreduced", "reptile")}
 _EXTRAS = ("reg", "cg_iters", "rho_inner", "rho_outer")
 # Fields a resumed run may change: they do not touch the training trajectory.
-RESUME_OVERRIDABLE = {"iterations", "eval_inner_lr", "val_every", "val_tasks", "test_tasks", "checkpoint_every",
+RESUME_OVERRIDABLE = {"iterations", "eval_inner_lr", "val_every", "val_tasks", "test_tasks",
+                      "checkpoint_every",
                       "log_every", "progress", "out", "data_root", "download", "device"}
 
 

@@ -31,7 +31,9 @@ def rows(paths: list[str]) -> list[str]:
             a, t = r["args"], r["test"]
             minutes = (r["train_time_s"] + r["test_time_s"]) / 60
             out.append(f"| {r['algorithm']} | {a['ways']}-way {a['shots']}-shot | "
-                       f"{a['inner_lr']:g} x {a['inner_steps']} (test {a['eval_inner_steps']}) | "
+                       f"{a['inner_lr']:g} x {a['inner_steps']} (test "
+                       f"{t.get('inner_lr') or a.get('eval_inner_lr') or a['inner_lr']:g} x "
+                       f"{a['eval_inner_steps']}) | "
                        f"{100 * t['mean']:.2f} ± {100 * t['ci95']:.2f} % | {r['iterations']} | "
                        f"{minutes:.0f} min | {r['device']}, {r['threads']} thread(s), "
                        f"{r['finished'][:10]} | "
