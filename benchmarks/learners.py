@@ -87,7 +87,8 @@ def measure_one(row: str, opts: argparse.Namespace) -> dict[str, Any]:
         times.append(t)
     known = [p for p in peaks if p is not None]
     return {"learner": row, "algorithm": algo, "options": kw,
-            "estimator": type(learner.estimator).__name__,
+            "estimator": ("none (bl.solve)" if learner.estimator is None
+                          else type(learner.estimator).__name__),
             "inner_steps": learner.inner_steps, "meta_batch": opts.meta_batch,
             "width": opts.width, "peak_mem_bytes": min(known) if known else None,
             "peak_mem_samples": peaks, "mem_method": mem.method,
