@@ -10,5 +10,20 @@ Run on demand, never as part of the test suite::
 
 Modules: :mod:`.cases` (problems, estimators, peers), :mod:`.measure` (one configuration in a
 fresh process -> one JSON record), :mod:`.report` (claims, Markdown, plots), ``__main__``
-(the suite). See ``benchmarks/README.md``.
+(the suite), :mod:`.learners` (one meta-step of every learner), :mod:`.profile` (where the time
+of a Conv4 MAML step goes). See ``benchmarks/README.md``.
 """
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a measuring subprocess: this one, with the repository first on
+    ``PYTHONPATH`` (so ``python -m benchmarks.*`` imports this checkout)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "")
+                                                       .split(os.pathsep) if p])
+    return env

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,10 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import ROOT, report, subprocess_env
 from . import cases as C
-from . import report
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 K_FULL = [1, 5, 10, 25, 50, 100, 200]
@@ -162,9 +160,7 @@ def run_one(cfg: dict[str, Any], opts: argparse.Namespace, ref_cache: Path) -> d
            str(opts.time_budget), "--ref-cache", str(ref_cache)]
     if opts.threads:
         cmd += ["--threads", str(opts.threads)]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "")
-                                                       .split(os.pathsep) if p])
+    env = subprocess_env()
     base = {k: cfg[k] for k in ("case", "estimator", "inner_steps", "width", "meta_batch")}
     base.update(kind="peer" if cfg["estimator"] in C.PEERS else "ours", device=opts.device,
                 peak_mem_bytes=None, time_s=None, rel_error=None, cosine=None)

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from . import ROOT, subprocess_env
 
 # (row name, algorithm, learner options)
 CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -47,7 +45,7 @@ def measure_one(row: str, opts: argparse.Namespace) -> dict[str, Any]:
     """In this (fresh) process: one learner's meta-step, memory then time."""
     from . import measure as M
 
-    M.set_allocator("memory")
+    allocator = M.set_allocator("memory")
     import torch
 
     import meta
@@ -70,31 +68,15 @@ def measure_one(row: str, opts: argparse.Namespace) -> dict[str, Any]:
         out = learner.meta_step(batch)
         return None, out
 
-    call()  # warm-up
-    mem = M.PeakMemory(device)
-    peaks = []
-    for _ in range(2):
-        mem.start()
-        call()
-        peaks.append(mem.stop())
-    M.set_allocator("time")
-    call()
-    times = []
-    t_start = time.perf_counter()
-    while len(times) < opts.repeats and (not times or time.perf_counter() - t_start
-                                         < opts.time_budget):
-        t, _ = M._timed(call, device)
-        times.append(t)
-    known = [p for p in peaks if p is not None]
+    record = {"mem_allocator": allocator}
+    M.run_protocol(call, device, record, {"warmup": 1, "mem_calls": 2, "repeats": opts.repeats,
+                                          "time_budget": opts.time_budget})
     return {"learner": row, "algorithm": algo, "options": kw,
             "estimator": ("none (bl.solve)" if learner.estimator is None
                           else type(learner.estimator).__name__),
             "inner_steps": learner.inner_steps, "meta_batch": opts.meta_batch,
-            "width": opts.width, "peak_mem_bytes": min(known) if known else None,
-            "peak_mem_samples": peaks, "mem_method": mem.method,
-            "time_s": statistics.median(times), "time_samples": times,
-            "threads": torch.get_num_threads(), "device": str(device),
-            "torch": torch.__version__, "status": "ok"}
+            "width": opts.width, **record, "threads": torch.get_num_threads(),
+            "device": str(device), "torch": torch.__version__, "status": "ok"}
 
 
 def markdown(records: list[dict[str, Any]], title: str) -> str:
@@ -149,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"unknown row(s) {unknown}; known: {rows}")
         rows = wanted
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "")
-                                                       .split(os.pathsep) if p])
+    env = subprocess_env()
     records = []
     for row in rows:
         cmd = [sys.executable, "-m", "benchmarks.learners", "--one", row, "--device",

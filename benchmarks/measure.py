@@ -371,6 +371,48 @@ def _measure_into(record, cfg, cases, spec, method, K, device, dtype) -> None:
         return lambda: b.ours(est)
 
     call = runner(bench)
+    grads, res = run_protocol(call, device, record, cfg)
+
+    # diagnostics outside the timed region (vmapped results are checked here, see bl.check_result)
+    if res is not None:
+        if bench.vmapped:
+            import bilevel as bl
+
+            bl.check_result(res, strict=True)
+        record.update(_result_info(res))
+
+    # accuracy against the exact float64 hypergradient of the K-step objective
+    ref = _reference(cfg, cases, K, device)
+    record["rel_error"], record["cosine"] = compare(grads, ref)
+    if not cfg["f64_check"] and kind == "ours":
+        return
+    if cfg["dtype"] == "float64":
+        g64 = grads
+    elif method == "Unrolled":
+        g64 = ref
+    else:
+        b64 = cases.build(record["case"], K, cfg["width"], cfg["meta_batch"], torch.float64,
+                          device, cfg["seed"], cfg["batching"], round_to=dtype)
+        g64 = runner(b64)()[0]
+    record["rel_error_f64"], record["cosine_f64"] = compare(g64, ref)
+    if kind == "peer":
+        match = cases.PEERS[method][2]
+        record["match_estimator"] = match
+        if match == "Unrolled":
+            ours64 = ref
+        else:
+            b64 = cases.build(record["case"], K, cfg["width"], cfg["meta_batch"], torch.float64,
+                              device, cfg["seed"], cfg["batching"], round_to=dtype)
+            ours64 = b64.ours(cases.make_estimator(match, K, spec))[0]
+        record["rel_error_vs_ours"] = compare(g64, ours64)[0]
+
+
+def run_protocol(call, device: torch.device, record: dict[str, Any], cfg: dict[str, Any]
+                 ) -> tuple[Any, Any]:
+    """Steps 2-4 of the module protocol on ``call`` (returns ``(grads, result)``): warm-up,
+    memory calls (the smallest peak kept), allocator switch, timed repeats within
+    ``cfg["time_budget"]``; fills the memory and time fields of ``record`` (which must already
+    hold ``mem_allocator``) and returns the last memory call's output."""
     mem = PeakMemory(device)
     record["mem_method"] = mem.method
     budget = float(cfg["time_budget"])
@@ -411,39 +453,7 @@ def _measure_into(record, cfg, cases, spec, method, K, device, dtype) -> None:
     record["time_samples"] = [round(s, 6) for s in samples]
     record["time_warmup_s"] = [round(s, 6) for s in warm_times]
     record["time_mem_call_s"] = round(t_mem, 6)
-
-    # diagnostics outside the timed region (vmapped results are checked here, see bl.check_result)
-    if res is not None:
-        if bench.vmapped:
-            import bilevel as bl
-
-            bl.check_result(res, strict=True)
-        record.update(_result_info(res))
-
-    # accuracy against the exact float64 hypergradient of the K-step objective
-    ref = _reference(cfg, cases, K, device)
-    record["rel_error"], record["cosine"] = compare(grads, ref)
-    if not cfg["f64_check"] and kind == "ours":
-        return
-    if cfg["dtype"] == "float64":
-        g64 = grads
-    elif method == "Unrolled":
-        g64 = ref
-    else:
-        b64 = cases.build(record["case"], K, cfg["width"], cfg["meta_batch"], torch.float64,
-                          device, cfg["seed"], cfg["batching"], round_to=dtype)
-        g64 = runner(b64)()[0]
-    record["rel_error_f64"], record["cosine_f64"] = compare(g64, ref)
-    if kind == "peer":
-        match = cases.PEERS[method][2]
-        record["match_estimator"] = match
-        if match == "Unrolled":
-            ours64 = ref
-        else:
-            b64 = cases.build(record["case"], K, cfg["width"], cfg["meta_batch"], torch.float64,
-                              device, cfg["seed"], cfg["batching"], round_to=dtype)
-            ours64 = b64.ours(cases.make_estimator(match, K, spec))[0]
-        record["rel_error_vs_ours"] = compare(g64, ours64)[0]
+    return grads, res
 
 
 def _memory_call(mem: PeakMemory, call, device: torch.device, record: dict) -> tuple:

@@ -140,8 +140,8 @@ _LEARNER_LR_ON = {"omniglot": ("imaml", "memoryreduced", "reptile")}
 _EXTRAS = ("reg", "cg_iters", "rho_inner", "rho_outer")
 # Fields a resumed run may change: they do not touch the training trajectory.
 RESUME_OVERRIDABLE = {"iterations", "eval_inner_lr", "val_every", "val_tasks", "test_tasks",
-                      "checkpoint_every",
-                      "log_every", "progress", "out", "data_root", "download", "device"}
+                      "checkpoint_every", "log_every", "progress", "out", "data_root",
+                      "download", "device"}
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -248,10 +248,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
             users = [a for a in sorted(_algorithms()) if name in _learner_param_defaults(a)]
             raise ConfigError(f"{name.replace('_', '-')} applies to --algorithm "
                               f"{' / '.join(users)} only, not {c.algorithm}")
+    own = _LEARNER_DEFAULTS.get(c.algorithm, ()) + (
+        ("inner_lr",) if c.algorithm in _LEARNER_LR_ON.get(c.dataset, ()) else ())
     for name, value in DATASET_DEFAULTS[c.dataset].items():
         if getattr(c, name) is None:
-            own = _LEARNER_DEFAULTS.get(c.algorithm, ()) + (
-                ("inner_lr",) if c.algorithm in _LEARNER_LR_ON.get(c.dataset, ()) else ())
             if name in own and name in learner_defaults:
                 value = learner_defaults[name]
             setattr(c, name, list(value) if isinstance(value, list) else value)

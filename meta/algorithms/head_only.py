@@ -72,8 +72,12 @@ class HeadOnlyMixin:
         full = {**self._consts, **hparams, **params}
         return functional_call(self.model.head, _sub(full, "head."), (feats,))
 
-    def _body(self, hparams: Params) -> Params:
-        return {n: t for n, t in hparams.items() if not n.startswith("head.")}
+    @staticmethod
+    def _split(hparams: Params) -> tuple[Params, Params]:
+        """(backbone, head) meta-parameters, split by the ``head.`` prefix as
+        :func:`meta.models.split_params`."""
+        head = {n: t for n, t in hparams.items() if n.startswith("head.")}
+        return {n: t for n, t in hparams.items() if n not in head}, head
 
     def _check_model(self, hparams: Params, x: torch.Tensor) -> None:
         """Once: ``model(x) == head(features(x))``, else the cached path would be wrong."""
@@ -112,9 +116,8 @@ class HeadOnlyMixin:
         if not self.cache_features:
             return super().task_hypergrad(hparams, task, check=check)
         (xs, ys), (xq, yq) = task.support, task.query
-        body = self._body(hparams)
+        body, head_hp = self._split(hparams)
         (fs, fq), pull = bl.autodiff.vjp(lambda b: (self.embed(b, xs), self.embed(b, xq)), body)
-        head_hp = {n: t for n, t in hparams.items() if n not in body}
         res = bl.hypergrad(self.head_problem(), {**head_hp, FEAT_S: fs, FEAT_Q: fq},
                            (xs, ys), (xq, yq), solver=self.solver(True),
                            estimator=self.estimator, params0=self.params0(), check=check)
@@ -127,9 +130,8 @@ class HeadOnlyMixin:
     def _adapt_one(self, hparams: Params, support: Split) -> Params:
         if not self.cache_features:
             return super()._adapt_one(hparams, support)
-        xs, ys = support
+        body, head_hp = self._split(hparams)
         with torch.no_grad():
-            fs = self.embed(self._body(hparams), xs)
-        head_hp = {n: t for n, t in hparams.items() if n.startswith("head.")}
+            fs = self.embed(body, support[0])
         return bl.solve(self.head_problem(), {**head_hp, FEAT_S: fs}, support,
                         solver=self.solver(False), params0=self.params0())
