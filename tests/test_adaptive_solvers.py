@@ -109,6 +109,9 @@ SOLVERS = {
     "rmsprop": (rmsprop_all, hp(lr=0.02, b2=0.9, eps=1e-3, wd=0.05, mu=0.5, decay=0.1)),
     "rmsprop_centered": (lambda k: rmsprop_all(k, centered=True),
                          hp(lr=0.02, b2=0.9, eps=1e-3, wd=0.05, mu=0.5, decay=0.1)),
+    "adam_amsgrad": (lambda k: bl.Adam("lr", k, betas=("b1", "b2"), eps="eps", weight_decay="wd",
+                                       amsgrad=True),
+                     hp(lr=0.05, b1=0.8, b2=0.9, eps=1e-3, wd=0.05, decay=0.1)),
     # defaults (beta2 = 0.999, eps = 1e-8) with a tuned lr and the loss hyperparameter
     "adam_defaults": (lambda k: bl.Adam("lr", k), hp(lr=0.01, decay=0.1)),
 }
@@ -142,7 +145,9 @@ TORCH_CASES = {
     "adam": (torch.optim.Adam, bl.Adam, dict(lr=0.03)),
     "adam_wd": (torch.optim.Adam, bl.Adam, dict(lr=0.03, betas=(0.8, 0.95), eps=1e-6,
                                                 weight_decay=0.1)),
+    "adam_amsgrad": (torch.optim.Adam, bl.Adam, dict(lr=0.03, weight_decay=0.1, amsgrad=True)),
     "adamw": (torch.optim.AdamW, bl.AdamW, dict(lr=0.03)),
+    "adamw_amsgrad": (torch.optim.AdamW, bl.AdamW, dict(lr=0.03, amsgrad=True)),
     "adamw_wd": (torch.optim.AdamW, bl.AdamW, dict(lr=0.03, betas=(0.7, 0.99), weight_decay=0.5)),
     "rmsprop": (torch.optim.RMSprop, bl.RMSprop, dict(lr=0.01)),
     "rmsprop_all": (torch.optim.RMSprop, bl.RMSprop, dict(lr=0.01, alpha=0.9, eps=1e-6,
@@ -169,10 +174,9 @@ def test_trajectory_equals_torch_optim(case, per_step):
         assert (params[k] - ref[k]).abs().max() <= 1e-12, k
     # the moments are the same as torch's too
     torch_state = opt.state[opt.param_groups[0]["params"][0]]
-    ours_key = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "square_avg": "square_avg",
-                "grad_avg": "grad_avg", "momentum_buffer": "momentum_buffer"}
+    assert set(state) - {"step"} == set(torch_state) - {"step"}  # same names as torch.optim
     for key in set(state) - {"step"}:
-        assert (state[key]["W"] - torch_state[ours_key[key]]).abs().max() <= 1e-12, key
+        assert (state[key]["W"] - torch_state[key]).abs().max() <= 1e-12, key
     assert float(state["step"]) == float(torch_state["step"]) == steps
 
 
@@ -404,6 +408,29 @@ def test_second_order_through_the_trajectory_is_finite_and_correct(make):
     assert torch.equal(hvp_fwd["theta"]["W"][0], torch.zeros(D_OUT, dtype=DT))
 
 
+@pytest.mark.parametrize("make", [
+    lambda: bl.Adam(0.1, 6, betas=(0.8, 0.9), eps=1.0),
+    lambda: bl.AdamW(0.1, 6, betas=(0.8, 0.9), eps=1.0, weight_decay=0.0, amsgrad=True),
+    lambda: bl.RMSprop(0.1, 6, eps=1.0, momentum=0.5, centered=True)],
+    ids=["adam", "adamw_amsgrad", "rmsprop_centered"])
+def test_gradient_zero_only_at_this_hyperparameter(make):
+    """w_0 = λ₀ is the inner minimiser at λ = λ₀, so the trajectory stands still with v = 0 in
+    every coordinate, but a perturbed λ moves it. With ε > 0 the step is differentiable there and
+    the safe root gives the exact first derivative (m'/ε), equal to central differences. (ε is
+    large so that the linearisation, which amplifies δ by ~lr/ε per step, stays valid over the
+    finite-difference step.)"""
+    lam0 = torch.tensor([1.0, -2.0], dtype=DT)
+    target = torch.tensor([0.5, 0.5], dtype=DT)
+    prob = bl.BilevelProblem(lambda w, h, b: 0.5 * ((w - h["lam"]) ** 2).sum(),
+                             lambda w, h, b: 0.5 * ((w - target) ** 2).sum())
+    solver, h = make(), {"lam": lam0}
+    res = bl.hypergrad(prob, h, solver=solver, params0=lam0.clone())
+    assert torch.equal(res.params, lam0)  # it did stand still
+    fd = finite_difference(unrolled_value(prob, solver, None, None, lam0.clone()), h)
+    torch.testing.assert_close(res.grad["lam"], fd["lam"], rtol=1e-6, atol=1e-9)
+    assert float(res.grad["lam"].abs().min()) > 0.1  # m'/ε, not the trivial zero
+
+
 def test_safe_sqrt_value_and_derivatives():
     x = torch.tensor([0.0, 1e-300, 0.25, 4.0, -1e-17], dtype=DT)
     assert torch.equal(adaptive.safe_sqrt(x)[:4], torch.sqrt(x[:4]))
@@ -449,6 +476,7 @@ def test_eps_root_is_inside_the_bias_corrected_root():
     (lambda: bl.RMSprop(0.1, 3, momentum=-0.5), "momentum"),
     (lambda: bl.RMSprop(0.1, 3, eps=0.0), "eps"),
     (lambda: bl.RMSprop(0.1, 3, centered=1), "centered"),
+    (lambda: bl.Adam(0.1, 3, amsgrad="yes"), "amsgrad"),
 ])
 def test_bad_numbers_are_refused_naming_the_argument(make, match):
     with pytest.raises(bl.BilevelError, match=match):
