@@ -233,6 +233,31 @@ def test_warm_start_through_hypergrad_state0():
     assert_tree_close(rest.params, whole.params, rtol=0, atol=1e-15)
 
 
+@pytest.mark.usefixtures("autodiff_mode")
+@pytest.mark.parametrize("estimator", ["unrolled", "checkpointed", "forward", "truncated_K"])
+@pytest.mark.parametrize("name", ["adam", "rmsprop_centered"])
+def test_per_step_minibatches_match_finite_differences(name, estimator):
+    """With the core's ``bl.PerStep`` (issue 9): a different batch at every inner step, the
+    reference a hand-written loop over the same batches."""
+    if not hasattr(bl, "PerStep"):
+        pytest.skip("bl.PerStep is not in this tree (added by the core work)")
+    make, h = SOLVERS[name]
+    K = 6
+    solver, batches, val, params0 = make(K), [make_data(20 + k) for k in range(K)], \
+        make_data(5), make_params()
+
+    def F(hh):
+        grad_fn = lambda p, h_, b: torch.func.grad_and_value(inner_loss)(p, h_, b)  # noqa: E731
+        p, s = params0, solver.init_state(params0, hh)
+        for k in range(K):
+            p, s, _ = solver.step(grad_fn, p, s, hh, batches[k])
+        return mse(p, hh, val)
+
+    res = bl.hypergrad(PROBLEM, h, bl.PerStep(lambda k: batches[k]), val, solver=solver,
+                       estimator=EXACT[estimator](K), params0=params0)
+    assert_tree_close(res.grad, finite_difference(F, h), rtol=1e-6, atol=1e-8)
+
+
 def test_float32_parameters_keep_their_dtype():
     params = {"W": torch.randn(D_IN, D_OUT), "s": torch.tensor(0.3)}  # a 0-d float32 leaf
     solver = bl.Adam(0.01, 3)
@@ -566,7 +591,7 @@ def _torchopt_adam(torchopt, lr, decay, eps_root, **kw):
     return {"W": params[0].detach(), "b": params[1].detach()}, {"lr": d_lr, "decay": d_decay}
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 @pytest.mark.parametrize("eps_root", [0.0, 1e-6], ids=["eps_root0", "eps_root1e-6"])
 def test_torchopt_adam_same_trajectory_and_hypergradient(eps_root):
     """TorchOpt's functional Adam (use_accelerated_op=False) places ε and eps_root as we do
@@ -600,7 +625,7 @@ def higher_adam(lr, decay, eps):
     return w, {"lr": d_lr, "decay": d_decay}
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 def test_higher_adam_same_trajectory_and_hypergradient():
     """higher's DifferentiableAdam uses the *old* torch.optim ε placement,
     w ← w − lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v + ε), i.e. ε/√(1−β₂ᵗ) in today's m̂/(√v̂ + ε) form: no
