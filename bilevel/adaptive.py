@@ -65,8 +65,7 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     The inner ``where`` keeps the square root away from 0, so neither its value nor any of its
     derivatives is infinite; the outer ``where`` puts the exact value 0 back."""
     positive = x > 0
-    root = torch.sqrt(torch.where(positive, x, torch.ones_like(x)))
-    return torch.where(positive, root, torch.zeros_like(x))
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, 1.0)), 0.0)
 
 
 # --------------------------------------------------------------------------------------------

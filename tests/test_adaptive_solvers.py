@@ -50,8 +50,10 @@ def mse(p, h, batch):
 
 
 def inner_loss(p, h, batch):
-    """Training loss with an L2 term whose strength is a hyperparameter (a loss hparam)."""
-    return mse(p, h, batch) + 0.5 * h["decay"] * (p["W"] ** 2).sum()
+    """Training loss with an L2 term whose strength is a hyperparameter (a loss hparam).
+    (Written d·(S/2), not 0.5·d·S: in torch 2.13 ``torch.func.jvp`` of a 0-d float32 tensor
+    times a Python float has a float64 tangent, which breaks float32 ForwardMode matmuls.)"""
+    return mse(p, h, batch) + h["decay"] * ((p["W"] ** 2).sum() / 2)
 
 
 PROBLEM = bl.BilevelProblem(inner_loss, mse)
@@ -112,6 +114,10 @@ SOLVERS = {
     "adam_amsgrad": (lambda k: bl.Adam("lr", k, betas=("b1", "b2"), eps="eps", weight_decay="wd",
                                        amsgrad=True),
                      hp(lr=0.05, b1=0.8, b2=0.9, eps=1e-3, wd=0.05, decay=0.1)),
+    # per-parameter learning rates and beta1 (Meta-SGD style), tuned
+    "adam_per_parameter": (
+        lambda k: bl.Adam(lambda h: h["lrs"], k, betas=(lambda h: h["b1s"], 0.9), eps=1e-3),
+        {"lrs": hp(W=0.05, b=0.02), "b1s": hp(W=0.8, b=0.6), **hp(decay=0.1)}),
     # defaults (beta2 = 0.999, eps = 1e-8) with a tuned lr and the loss hyperparameter
     "adam_defaults": (lambda k: bl.Adam("lr", k), hp(lr=0.01, decay=0.1)),
 }
@@ -256,6 +262,24 @@ def test_per_step_minibatches_match_finite_differences(name, estimator):
     res = bl.hypergrad(PROBLEM, h, bl.PerStep(lambda k: batches[k]), val, solver=solver,
                        estimator=EXACT[estimator](K), params0=params0)
     assert_tree_close(res.grad, finite_difference(F, h), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("make", [adam_all, adamw_all, rmsprop_all], ids=["adam", "adamw",
+                                                                         "rmsprop"])
+def test_float32_estimators_agree(make):
+    """float32 end to end (the float64 step counter is cast per leaf): ForwardMode and
+    Checkpointed equal Unrolled to float32 rounding."""
+    name = {adam_all: "adam", adamw_all: "adamw", rmsprop_all: "rmsprop"}[make]
+    h = tree_map(lambda x: x.float(), SOLVERS[name][1])
+    sb, qb = tree_map(lambda x: x.float(), make_data(0)), tree_map(lambda x: x.float(),
+                                                                    make_data(5))
+    params0 = tree_map(lambda x: x.float(), make_params())
+    args = (PROBLEM, h, sb, qb)
+    ref = bl.hypergrad(*args, solver=make(5), params0=params0)
+    assert all(x.dtype == torch.float32 for x in tree_leaves((ref.grad, ref.params)))
+    for est in (bl.ForwardMode(), bl.Checkpointed()):
+        got = bl.hypergrad(*args, solver=make(5), params0=params0, estimator=est)
+        assert_tree_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_float32_parameters_keep_their_dtype():
