@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
+from collections.abc import Sequence
 
 import torch
 
 from ..tasks import TaskBatch
-from .stream import TaskStream
+from .stream import TaskStream, task_generator
 
 __all__ = ["Sinusoid"]
 
@@ -52,23 +52,17 @@ class Sinusoid(TaskStream):
 
     def task_params(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Amplitudes and phases (float64, ``[meta_batch]``) of the tasks of ``batch(i)``."""
-        u = self._uniforms(i)
+        u = self._uniforms(self.task_ids(i))
         return _scale(u[:, 0], self.amplitude), _scale(u[:, 1], self.phase)
 
-    def batch(self, i: int) -> TaskBatch:
-        """The ``i``-th batch of ``meta_batch`` tasks (deterministic in ``seed, i``)."""
-        u = self._uniforms(i)
+    def _tasks(self, ids: Sequence[int]) -> TaskBatch:
+        u = self._uniforms(ids)
         amp, phase = _scale(u[:, :1], self.amplitude), _scale(u[:, 1:2], self.phase)
         x = _scale(u[:, 2:], self.x_range)
         y = amp * torch.sin(x - phase)
         x, y = (t.to(device=self.device, dtype=self.dtype).unsqueeze(-1) for t in (x, y))
         s = self.shots
         return TaskBatch((x[:, :s], y[:, :s]), (x[:, s:], y[:, s:]))
-
-    def task(self, t: int) -> TaskBatch:
-        """Task ``t`` of the stream without the leading dimension."""
-        i, j = divmod(t, self.meta_batch)
-        return self.batch(i).task(j)
 
     def __repr__(self) -> str:
         return (
@@ -77,24 +71,14 @@ class Sinusoid(TaskStream):
             f"seed={self.seed})"
         )
 
-    def _uniforms(self, i: int) -> torch.Tensor:
-        """``[meta_batch, 2 + shots + queries]`` U(0, 1) draws: amplitude, phase, inputs."""
-        if i < 0:
-            raise ValueError(f"batch index must be >= 0, got {i}")
+    def _uniforms(self, ids: Sequence[int]) -> torch.Tensor:
+        """``[len(ids), 2 + shots + queries]`` U(0, 1) draws: amplitude, phase, inputs."""
         n = 2 + self.shots + self.queries
-        first = i * self.meta_batch
-        rows = [
-            torch.rand(n, generator=_generator(self.seed, t), dtype=torch.float64)
-            for t in range(first, first + self.meta_batch)
-        ]
+        rows = [torch.rand(n, generator=task_generator("sinusoid", self.seed, t),
+                           dtype=torch.float64) for t in ids]
         return torch.stack(rows)
 
 
 def _scale(u: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
     lo, hi = bounds
     return lo + (hi - lo) * u
-
-
-def _generator(seed: int, t: int) -> torch.Generator:
-    digest = hashlib.blake2b(f"sinusoid/{seed}/{t}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
