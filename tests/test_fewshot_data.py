@@ -383,3 +383,16 @@ def test_every_learner_takes_a_step_on_image_episodes(fixtures, cache, name):
     assert np.isfinite(metrics["loss"]) and 0 <= metrics["accuracy"] <= 1
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preload", [False, True])
+def test_episodes_on_cuda_equal_cpu(fixtures, cache, preload):
+    arrays = load(fixtures, cache, "miniimagenet", "cache_pkl", "train")
+    kw = dict(ways=3, shots=2, queries=2, meta_batch=3, seed=2, normalize="meanstd")
+    cpu = ImageEpisodes(arrays, **kw).batch(1)
+    gpu = ImageEpisodes(arrays, **kw, device="cuda", preload=preload).batch(1)
+    assert gpu.support[0].is_cuda and gpu.query[1].is_cuda
+    torch.testing.assert_close(gpu.support[0].cpu(), cpu.support[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(gpu.query[1].cpu(), cpu.query[1])
