@@ -131,8 +131,12 @@ class ImageEpisodes(TaskStream):
         self.mean, self.std = _normalization(normalize, arrays)
         self._images = arrays.images.to(self.device) if preload else arrays.images
         c = arrays.image_shape[2]
-        self._mean = torch.tensor(self.mean, dtype=dtype, device=self.device).view(c, 1, 1)
-        self._std = torch.tensor(self.std, dtype=dtype, device=self.device).view(c, 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float64).view(c, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float64).view(c, 1, 1)
+        # (v / 255 - mean) / std = v * scale - shift
+        self._scale = (1.0 / (255.0 * std)).to(self.device, dtype)
+        unit = normalize == "unit"
+        self._shift = None if unit else (mean / std).to(self.device, dtype)
 
     @property
     def num_classes(self) -> int:
@@ -161,16 +165,25 @@ class ImageEpisodes(TaskStream):
     def _tasks(self, ids: Sequence[int]) -> TaskBatch:
         picks = [self.sample(t) for t in ids]
         index = torch.stack([p[0] for p in picks])  # [B, ways, n]
-        labels = torch.stack([p[1] for p in picks])  # [B, ways]
-        pixels = self._images[index.to(self._images.device)]  # uint8 [B, ways, n, H, W, C]
-        x = pixels.to(self.device, non_blocking=True).permute(0, 1, 2, 5, 3, 4).to(self.dtype)
-        x = (x.div_(255.0) - self._mean) / self._std
-        b, w, s, n = len(ids), self.ways, self.shots, self.shots + self.queries
-        y = labels.to(self.device)[..., None].expand(-1, -1, n)
-        shape = x.shape[3:]
-        support = x[:, :, :s].reshape(b, w * s, *shape), y[:, :, :s].reshape(b, -1)
-        query = x[:, :, s:].reshape(b, -1, *shape), y[:, :, s:].reshape(b, -1)
-        return TaskBatch(support, query)
+        labels = torch.stack([p[1] for p in picks]).to(self.device)  # [B, ways]
+        s = self.shots
+        support = self._pixels(index[:, :, :s]), labels[:, :, None].expand(-1, -1, s)
+        query = self._pixels(index[:, :, s:]), labels[:, :, None].expand(-1, -1, self.queries)
+        return TaskBatch((support[0], support[1].reshape(len(ids), -1)),
+                         (query[0], query[1].reshape(len(ids), -1)))
+
+    def _pixels(self, index: torch.Tensor) -> torch.Tensor:
+        """``uint8`` images ``index [B, ways, m]`` -> ``dtype [B, ways*m, C, H, W]`` on the device,
+        normalised: one gather, one transfer, one converting copy, one or two in-place passes."""
+        b = index.shape[0]
+        pixels = self._images[index.reshape(b, -1).to(self._images.device)]  # [B, M, H, W, C]
+        pixels = pixels.to(self.device, non_blocking=True)
+        h, w, c = pixels.shape[2:]
+        x = torch.empty((b, pixels.shape[1], c, h, w), dtype=self.dtype, device=self.device)
+        x.copy_(pixels.permute(0, 1, 4, 2, 3))
+        if self._shift is None:
+            return x.mul_(1.0 / 255.0)
+        return x.mul_(self._scale).sub_(self._shift)
 
 
 def _normalization(normalize, arrays: FewShotArrays) -> tuple[tuple[float, ...], ...]:
