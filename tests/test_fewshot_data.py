@@ -350,6 +350,12 @@ def test_open_dataset_other_names_and_errors(fixtures, cache):
     assert s.dataset == "cifarfs" and s.mean[0] == pytest.approx(129.37731888 / 255)
     sin = open_dataset("sinusoid", shots=4, queries=3, meta_batch=2, seed=1)
     assert sin.batch(0).support[0].shape == (2, 4, 1)
+    torch.testing.assert_close(sin.batch(3).query[1], meta.data.Sinusoid(
+        shots=4, queries=3, meta_batch=2, seed=1).batch(3).query[1], rtol=0, atol=0)
+    val = open_dataset("sinusoid", None, "val", shots=4, queries=3, meta_batch=2, seed=1)
+    assert val.split == "val" and not torch.equal(val.batch(3).query[1], sin.batch(3).query[1])
+    with pytest.raises(ValueError, match="split must be one of"):
+        open_dataset("sinusoid", split="validation")
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
         open_dataset("imagenet", root)
     with pytest.raises(ValueError, match="needs root="):

@@ -45,9 +45,8 @@ def open_dataset(
     * ``"miniimagenet"``, ``"tieredimagenet"``, ``"cifarfs"``, ``"fc100"``: :func:`load_arrays`
       ``(name, root, split, format, image_size, check_classes, cache_dir, workers)`` then
       :class:`ImageEpisodes` (options ``normalize``, ``preload``).
-    * ``"sinusoid"``: :class:`Sinusoid` (``root``, ``split``, ``ways`` unused; options
-      ``amplitude``, ``phase``, ``x_range``). Its tasks depend on ``seed`` only: give each split
-      its own seed.
+    * ``"sinusoid"``: :class:`Sinusoid` (``root`` and ``ways`` unused; options ``amplitude``,
+      ``phase``, ``x_range``); ``split`` enters the task seeds, so splits never share tasks.
 
     Unknown options raise ``TypeError``; a missing root raises ``ValueError``; missing files raise
     ``FileNotFoundError`` listing the layouts accepted.
@@ -55,7 +54,8 @@ def open_dataset(
     key = name.lower()
     if key == "sinusoid":
         return Sinusoid(shots=shots, queries=queries, meta_batch=meta_batch, seed=seed,
-                        dtype=dtype, device=device, num_batches=num_batches, **options)
+                        dtype=dtype, device=device, num_batches=num_batches, split=split,
+                        **options)
     if key != "omniglot":
         try:
             key = canonical(key)

@@ -19,8 +19,10 @@ class Sinusoid(TaskStream):
     Each task draws ``A ~ U(amplitude)``, ``phase ~ U(phase)`` and ``shots + queries`` inputs
     ``x ~ U(x_range)`` (all in float64, then cast to ``dtype``). ``batch(i)`` is a
     :class:`TaskBatch` whose support is ``(x, y)`` of shape ``[meta_batch, shots, 1]`` each and
-    whose query is ``[meta_batch, queries, 1]``. Task ``t`` depends only on ``(seed, t)`` and the
-    constructor arguments; ``batch(i)`` stacks tasks ``i*meta_batch .. (i+1)*meta_batch - 1``.
+    whose query is ``[meta_batch, queries, 1]``. Task ``t`` depends only on ``(seed, split, t)``
+    and the constructor arguments (generator ``task_generator("sinusoid", seed, t)`` for
+    ``split="train"``, ``("sinusoid", seed, split, t)`` for ``"val"``/``"test"``, so the splits
+    never share tasks); ``batch(i)`` stacks tasks ``i*meta_batch .. (i+1)*meta_batch - 1``.
     Iteration yields ``batch(0), batch(1), ...`` forever, or ``num_batches`` batches.
     """
 
@@ -36,7 +38,10 @@ class Sinusoid(TaskStream):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         num_batches: int | None = None,
+        split: str = "train",
     ) -> None:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be one of ('train', 'val', 'test'), got {split!r}")
         for name, value in (("shots", shots), ("queries", queries), ("meta_batch", meta_batch)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -48,6 +53,8 @@ class Sinusoid(TaskStream):
         self.shots, self.queries, self.meta_batch = shots, queries, meta_batch
         self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
         self.seed, self.dtype, self.num_batches = seed, dtype, num_batches
+        self.split = split
+        self._key = ("sinusoid", seed) if split == "train" else ("sinusoid", seed, split)
         self.device = torch.device(device if device is not None else "cpu")
 
     def task_params(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,13 +75,13 @@ class Sinusoid(TaskStream):
         return (
             f"Sinusoid(shots={self.shots}, queries={self.queries}, meta_batch={self.meta_batch}, "
             f"amplitude={self.amplitude}, phase={self.phase}, x_range={self.x_range}, "
-            f"seed={self.seed})"
+            f"seed={self.seed}, split={self.split!r})"
         )
 
     def _uniforms(self, ids: Sequence[int]) -> torch.Tensor:
         """``[len(ids), 2 + shots + queries]`` U(0, 1) draws: amplitude, phase, inputs."""
         n = 2 + self.shots + self.queries
-        rows = [torch.rand(n, generator=task_generator("sinusoid", self.seed, t),
+        rows = [torch.rand(n, generator=task_generator(*self._key, t),
                            dtype=torch.float64) for t in ids]
         return torch.stack(rows)
 
