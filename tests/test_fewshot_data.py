@@ -152,6 +152,19 @@ def test_validation_file_name_and_protocols(tmp_path):
         np.testing.assert_array_equal(arrays.images.numpy(), written["val"][0])
 
 
+@pytest.mark.filterwarnings("error::DeprecationWarning")
+def test_pickles_written_by_numpy_1_load(tmp_path):
+    """The published pickles were written by NumPy 1.x (module ``numpy.core``, Python 2 str)."""
+    data = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    blob = pickle.dumps({"data": data, "labels": [3, 3, 9, 9]}, protocol=2)
+    old = blob.replace(b"numpy._core.", b"numpy.core.")  # protocol 2: newline-ended names
+    assert old != blob or b"numpy.core." in blob
+    (tmp_path / "FC100_train.pickle").write_bytes(old)
+    arrays = load_arrays("fc100", tmp_path, "train", check_classes="ignore")
+    np.testing.assert_array_equal(arrays.images.numpy(), data)
+    assert arrays.labels.tolist() == [0, 0, 1, 1] and arrays.class_names == ["3", "9"]
+
+
 def test_tiered_ren_style_label_keys(tmp_path):
     write_fixture("tieredimagenet", "metaoptnet_npz", tmp_path)
     with open(tmp_path / "train_labels.pkl", "wb") as f:
