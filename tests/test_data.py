@@ -1,4 +1,4 @@
-"""meta.data: PNG decoder, Omniglot episodes (real and synthetic data), Sinusoid tasks.
+"""meta.data: Omniglot episodes (Pillow decoding; real and synthetic data), Sinusoid tasks.
 
 The real Omniglot files live read-only in ``../shared/data/omniglot`` beside the repository
 root (or ``$OMNIGLOT_ROOT``); tests that need them skip when they are absent.
@@ -6,23 +6,23 @@ root (or ``$OMNIGLOT_ROOT``); tests that need them skip when they are absent.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
-import struct
 import time
 import urllib.error
 import urllib.request
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from meta.data import SPLIT_SEED, Omniglot, Sinusoid, TaskBatch, split_characters
-from meta.data.png import decode_png
+from meta.data.omniglot import _background, _preprocess
 
 OMNIGLOT = Path(
     os.environ.get("OMNIGLOT_ROOT")
@@ -65,106 +65,73 @@ def small1(cache_dir) -> Omniglot:
     return Omniglot(need("images_background_small1.zip"), source="small1", cache_dir=cache_dir)
 
 
-# ------------------------------------------------------------------------------ PNG encoding
+# ------------------------------------------------------------------------------ Pillow decoding
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+def encode_png(mask: np.ndarray) -> bytes:
+    """A 1-bit PNG (Pillow mode "1") of a bool mask, True = white, as the official files are."""
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(bool)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
-def _paeth(a: int, b: int, c: int) -> int:
-    p = a + b - c
-    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-    return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-
-
-def encode_png(samples: np.ndarray, depth: int, ctype: int, filters=(0,), palette=None) -> bytes:
-    """Reference encoder: raw samples ``[h, w]`` or ``[h, w, c]``, one filter type per row."""
-    h, w = samples.shape[:2]
-    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[ctype]
-    flat = samples.reshape(h, w * channels).astype(np.int64)
-    if depth == 16:
-        rows = flat.astype(">u2").view(np.uint8).reshape(h, -1)
-    elif depth == 8:
-        rows = flat.astype(np.uint8)
-    else:
-        per = 8 // depth
-        vals = np.zeros((h, -(-w // per) * per), np.int64)
-        vals[:, :w] = flat
-        shifts = depth * (per - 1 - np.arange(per))
-        rows = (vals.reshape(h, -1, per) << shifts).sum(-1).astype(np.uint8)
-    bpp = max(1, depth * channels // 8)
-    raw, prev = bytearray(), [0] * rows.shape[1]
-    for r in range(h):
-        line, kind = rows[r].tolist(), filters[r % len(filters)]
-        out = []
-        for x, value in enumerate(line):
-            a = line[x - bpp] if x >= bpp else 0
-            c = prev[x - bpp] if x >= bpp else 0
-            pred = (0, a, prev[x], (a + prev[x]) // 2, _paeth(a, prev[x], c))[kind]
-            out.append((value - pred) & 0xFF)
-        raw += bytes([kind, *out])
-        prev = line
-    data = zlib.compress(bytes(raw))
-    half = len(data) // 2
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, ctype, 0, 0, 0))
-        + (_chunk(b"PLTE", palette.astype(np.uint8).tobytes()) if palette is not None else b"")
-        + _chunk(b"tEXt", b"Comment\0test")
-        + _chunk(b"IDAT", data[:half])
-        + _chunk(b"IDAT", data[half:])  # image data split over two IDAT chunks
-        + _chunk(b"IEND", b"")
-    )
-
-
-@pytest.mark.parametrize(
-    "depth, ctype, channels",
-    [(1, 0, 1), (2, 0, 1), (4, 0, 1), (8, 0, 1), (16, 0, 1), (8, 2, 3), (8, 4, 2), (8, 6, 4),
-     (16, 6, 4), (4, 3, 1)],
-)
-def test_png_all_filters_and_depths(depth, ctype, channels):
-    rng = np.random.default_rng(depth * 10 + ctype)
-    h, w = 11, 13  # odd width: sub-byte rows end in padding bits
-    shape = (h, w) if channels == 1 else (h, w, channels)
-    samples = rng.integers(0, 1 << depth, size=shape)
-    palette = rng.integers(0, 256, size=(1 << depth, 3)) if ctype == 3 else None
-    png = encode_png(samples, depth, ctype, filters=(0, 1, 2, 3, 4, 4, 3, 2, 1, 0), palette=palette)
-    out = decode_png(png)
-    expected = palette[samples] if ctype == 3 else samples
-    assert out.dtype == (np.uint16 if depth == 16 else np.uint8)
-    np.testing.assert_array_equal(out, expected)
-
-
-def test_png_rejects_corrupt_files():
-    png = encode_png(np.ones((4, 4), np.uint8), 1, 0)
-    with pytest.raises(ValueError, match="not a PNG"):
-        decode_png(b"GIF89a" + png[6:])
-    broken = bytearray(png)
-    broken[20] ^= 0xFF  # inside IHDR: CRC mismatch
-    with pytest.raises(ValueError, match="CRC"):
-        decode_png(bytes(broken))
-    with pytest.raises(ValueError, match="truncated"):
-        decode_png(png[:40])
-
-
-def test_png_decoder_matches_npz(npz_background):
+def test_pillow_decoder_matches_npz(npz_background):
     """small1 image <number>_<drawer>.png is npz_background[number - 1, drawer - 1], exactly."""
     root = need("images_background_small1.zip")
     flat = npz_background.reshape(len(npz_background) * 20, -1)
     with zipfile.ZipFile(root / "images_background_small1.zip") as zf:
         names = sorted(n for n in zf.namelist() if n.endswith(".png"))
         # Find the correspondence by searching for an identical image ...
-        probe = decode_png(zf.read(names[0]))
-        assert probe.shape == (105, 105) and set(np.unique(probe)) <= {0, 1}
-        hits = np.flatnonzero((flat != probe.astype(bool).ravel()).sum(1) == 0)
+        probe = _background(zf.read(names[0]), names[0])
+        assert probe.shape == (105, 105) and probe.dtype == bool
+        assert Image.open(io.BytesIO(zf.read(names[0]))).mode == "1"  # official 1-bit PNGs
+        hits = np.flatnonzero((flat != probe.ravel()).sum(1) == 0)
         number, drawer = map(int, names[0].rsplit("/", 1)[1][:-4].split("_"))
         assert hits.tolist() == [(number - 1) * 20 + drawer - 1]
         # ... then check it on every image of the subset.
         for name in names:
             number, drawer = map(int, name.rsplit("/", 1)[1][:-4].split("_"))
-            image = decode_png(zf.read(name)).astype(bool)
+            image = _background(zf.read(name), name)
             np.testing.assert_array_equal(image, npz_background[number - 1, drawer - 1], name)
+
+
+def test_decoder_accepts_grayscale_and_rejects_bad_files():
+    rng = np.random.default_rng(3)
+    mask = rng.random((105, 105)) > 0.2
+    np.testing.assert_array_equal(_background(encode_png(mask), "x.png"), mask)
+    gray = io.BytesIO()
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(gray, format="PNG")
+    np.testing.assert_array_equal(_background(gray.getvalue(), "g.png"), mask)
+    with pytest.raises(ValueError, match="cannot decode image bad.png"):
+        _background(b"GIF89a not an image", "bad.png")
+    with pytest.raises(ValueError, match=r"small.png: expected a 105x105 image, got 10x10"):
+        _background(encode_png(mask[:10, :10]), "small.png")
+
+
+def test_preprocessings_by_hand():
+    """area = mean over 15x15/4 footprints; maml = Pillow's resize of the mode-"1" image (which
+    Pillow performs as NEAREST, whatever filter is asked); lanczos = Pillow LANCZOS on "L"."""
+    rng = np.random.default_rng(5)
+    bg = rng.random((2, 20, 105, 105)) > 0.3
+    area = _preprocess(bg, "area")
+    x = torch.from_numpy(~bg).double().reshape(-1, 1, 105, 105)
+    want = torch.nn.functional.interpolate(x, size=(28, 28), mode="area")
+    torch.testing.assert_close(area.double(), (want * 255).round().reshape(2, 20, 28, 28),
+                               rtol=0, atol=0)
+    maml = _preprocess(bg, "maml")
+    one = Image.fromarray(bg[1, 7])
+    assert one.mode == "1"
+    by_hand = np.asarray(one.resize((28, 28), resample=Image.Resampling.LANCZOS))
+    np.testing.assert_array_equal(maml[1, 7].numpy(), np.where(by_hand, 0, 255))
+    nearest = np.asarray(one.resize((28, 28), resample=Image.Resampling.NEAREST))
+    np.testing.assert_array_equal(by_hand, nearest)  # the Pillow rule the docstring states
+    assert set(np.unique(maml.numpy())) <= {0, 255}  # binary, as MAML trained on
+    lanczos = _preprocess(bg, "lanczos")
+    gray = Image.fromarray(np.where(bg[0, 3], 255, 0).astype(np.uint8))
+    want = 255 - np.asarray(gray.resize((28, 28), resample=Image.Resampling.LANCZOS))
+    np.testing.assert_array_equal(lanczos[0, 3].numpy(), want)
+    assert len(np.unique(lanczos.numpy())) > 2  # grey levels
+    assert not torch.equal(area, lanczos) and not torch.equal(area, maml)
 
 
 # ------------------------------------------------------------------------------ full data
@@ -333,7 +300,7 @@ def make_synthetic(root: Path, fmt: str) -> np.ndarray:
             for alphabet, first, last in alphabets:
                 for j, number in enumerate(range(first, last + 1), start=1):
                     for d in range(1, 21):
-                        png = encode_png(images[number - 1, d - 1].astype(np.uint8), 1, 0)
+                        png = encode_png(images[number - 1, d - 1])
                         zf.writestr(f"{part}/{alphabet}/character{j:02d}/{number:04d}_{d:02d}.png",
                                     png)
     return images
@@ -347,9 +314,12 @@ def synthetic(tmp_path_factory) -> Path:
     return root
 
 
-def test_zip_and_npz_sources_agree(synthetic, tmp_path):
-    from_npz = Omniglot(synthetic / "npz", cache_dir=tmp_path, ways=3)
-    from_zip = Omniglot(synthetic / "zips", cache_dir=tmp_path, ways=3)
+@pytest.mark.parametrize("preprocessing", ["area", "maml", "lanczos"])
+def test_zip_and_npz_sources_agree(synthetic, tmp_path, preprocessing):
+    from_npz = Omniglot(synthetic / "npz", cache_dir=tmp_path, ways=3, preprocessing=preprocessing)
+    from_zip = Omniglot(synthetic / "zips", cache_dir=tmp_path, ways=3, preprocessing=preprocessing)
+    assert from_npz.preprocessing == from_zip.preprocessing == preprocessing
+    assert preprocessing in from_npz.cache_path.name
     assert (from_npz.source, from_zip.source) == ("npz", "zip")
     assert from_npz.cache_path != from_zip.cache_path
     assert from_npz.num_characters == from_zip.num_characters == 8
@@ -357,6 +327,76 @@ def test_zip_and_npz_sources_agree(synthetic, tmp_path):
     torch.testing.assert_close(from_npz._images, from_zip._images, rtol=0, atol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [from_npz.cache_path.name, from_zip.cache_path.name])  # no temp files left behind
+
+
+def test_cache_records_its_preprocessing(synthetic, tmp_path):
+    area = Omniglot(synthetic / "npz", cache_dir=tmp_path, ways=2)
+    maml = Omniglot(synthetic / "npz", cache_dir=tmp_path, ways=2, preprocessing="maml")
+    assert area.preprocessing == "area" and not maml.loaded_from_cache
+    assert area.cache_path != maml.cache_path
+    assert torch.load(maml.cache_path, weights_only=True)["preprocessing"] == "maml"
+    assert set(maml._images.unique().tolist()) <= {0, 255}
+    assert not torch.equal(area._images, maml._images)
+    # a cache file holding the other preprocessing is never used (here: renamed by hand)
+    maml.cache_path.unlink()
+    area.cache_path.rename(maml.cache_path)
+    with pytest.warns(UserWarning, match="holds preprocessing='area', not 'maml'"):
+        again = Omniglot(synthetic / "npz", cache_dir=tmp_path, ways=2, preprocessing="maml")
+    assert not again.loaded_from_cache
+    torch.testing.assert_close(again._images, maml._images, rtol=0, atol=0)
+    assert Omniglot(synthetic / "npz", cache_dir=tmp_path, ways=2,
+                    preprocessing="maml").loaded_from_cache
+    with pytest.raises(ValueError, match="preprocessing must be one of"):
+        Omniglot(synthetic / "npz", cache_dir=tmp_path, preprocessing="bicubic")
+
+
+def test_maml_preprocessing_is_the_official_script_on_the_official_files(cache_dir):
+    """cbfinn/maml resize_images.py: Image.open(png).resize((28, 28), resample=LANCZOS)."""
+    root = need("images_background_small1.zip")
+    ds = Omniglot(root, source="small1", cache_dir=cache_dir, preprocessing="maml",
+                  rotations=False)
+    images = torch.load(ds.cache_path, weights_only=True)
+    with zipfile.ZipFile(root / "images_background_small1.zip") as zf:
+        names = sorted(n for n in zf.namelist() if n.endswith(".png"))
+        for name in names[::97]:
+            number, drawer = map(int, name.rsplit("/", 1)[1][:-4].split("_"))
+            img = Image.open(io.BytesIO(zf.read(name)))
+            small = np.asarray(img.resize((28, 28), resample=Image.LANCZOS), dtype=np.float32)
+            strokes = 1.0 - small / small.max()  # MAML: 1 - image / 255 (white = 1)
+            row = images["numbers"].tolist().index(number)
+            got = images["images"][row, drawer - 1].float().div(255).numpy()
+            np.testing.assert_array_equal(got, strokes, name)
+
+
+def test_shards_concatenate_to_the_batch(small1, cache_dir):
+    ds = Omniglot(small1.root, source="small1", cache_dir=cache_dir, meta_batch=5, seed=4)
+    whole = ds.batch(3)
+    assert list(ds.task_ids(3)) == [15, 16, 17, 18, 19]
+    for world in (1, 2, 3, 7):
+        shards = [ds.shard(3, r, world) for r in range(world)]
+        assert sum(s.num_tasks for s in shards) == 5
+        for r, shard in enumerate(shards):
+            for j, t in enumerate(range(r, 5, world)):
+                torch.testing.assert_close(shard.task(j).support[0], whole.task(t).support[0],
+                                           rtol=0, atol=0)
+                assert torch.equal(shard.task(j).query[1], whole.task(t).query[1])
+    empty = ds.shard(3, 6, 7)
+    assert empty.num_tasks == 0 and empty.support[0].shape == (0, 5, 1, 28, 28)
+    assert empty.query[1].dtype == torch.int64
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        ds.shard(0, 2, 2)
+
+
+def test_sinusoid_shards_and_seed_derivation():
+    from meta.data import task_generator, task_seed
+
+    ds = Sinusoid(shots=3, queries=2, meta_batch=4, seed=9)
+    torch.testing.assert_close(ds.shard(2, 1, 3).support[0],
+                               ds.batch(2).support[0][1::3], rtol=0, atol=0)
+    u = torch.rand(7, generator=task_generator("sinusoid", 9, 8), dtype=torch.float64)
+    torch.testing.assert_close(ds.task_params(2)[0][0], 0.1 + 4.9 * u[0])  # task 8 = batch 2
+    assert task_seed("sinusoid", 9, 8) != task_seed("sinusoid", 9, 9)
+    assert 0 <= task_seed("x") < 2**63
 
 
 def test_cache_default_dir_env_and_corrupt_cache(synthetic, tmp_path, monkeypatch):

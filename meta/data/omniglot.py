@@ -12,9 +12,21 @@ Conventions
   ``[number - 1, drawer - 1]``, checked on both small subsets). The small subsets number their
   own characters ``0 .. N-1`` in the same order; :attr:`Omniglot.character_numbers` gives the
   official numbers.
-* **Images** are resized from 105x105 to 28x28 with ``F.interpolate(mode="area")`` (the mean
-  over each output pixel's footprint), cached as ``uint8`` (``round(255 * v)``) and returned as
-  ``dtype`` in ``[0, 1]`` with **strokes = 1.0 and background = 0.0** (inverted from the files).
+* **Images** are decoded with Pillow and resized from 105x105 to 28x28 by one of
+  :data:`PREPROCESSING` (``preprocessing=``):
+
+  - ``"area"`` (default): ``F.interpolate(mode="area")``, the mean of each output pixel's
+    footprint, ``v = round(255 * mean(strokes))`` -- grey levels, no aliasing;
+  - ``"maml"``: the official preprocessing of Finn et al. (cbfinn/maml
+    ``data/omniglot_resized/resize_images.py``): ``Image.resize((28, 28), LANCZOS)`` on the
+    1-bit image. Pillow resamples mode ``"1"`` images with NEAREST whatever filter is asked
+    for, so the result is binary (``v in {0, 255}``), exactly what MAML trained on;
+  - ``"lanczos"``: the same Pillow call on the image as 8-bit grayscale (mode ``"L"``), a true
+    Lanczos (windowed sinc) filter -- grey levels, slight ringing.
+
+  Images are cached as ``uint8`` with strokes high and returned as ``dtype`` in ``[0, 1]``
+  with **strokes = 1.0 and background = 0.0** (inverted from the files). The cache records the
+  preprocessing (:attr:`Omniglot.preprocessing`); a cache made one way is never used for another.
 * **Split by character** with the fixed :data:`SPLIT_SEED` (independent of ``seed``): the N
   characters are permuted by ``numpy.random.RandomState(SPLIT_SEED).permutation(N)``; the first
   ``round(N * 1200/1623)`` are "train", the next ``round(N * 100/1623)`` "val", the rest
@@ -43,12 +55,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..tasks import TaskBatch
-from .png import decode_png
-from .stream import TaskStream
+from .images import open_image
+from .stream import TaskStream, task_generator
 
-__all__ = ["Omniglot", "SPLIT_SEED", "split_characters"]
+__all__ = ["Omniglot", "PREPROCESSING", "SPLIT_SEED", "split_characters"]
 
 SPLIT_SEED = 1
 SPLITS = ("train", "val", "test")
@@ -62,7 +75,9 @@ SOURCES = {
     "small1": ("images_background_small1.zip",),
     "small2": ("images_background_small2.zip",),
 }
-_CACHE_VERSION = 1
+#: The 105x105 -> 28x28 preprocessings (see the module docstring).
+PREPROCESSING = ("area", "maml", "lanczos")
+_CACHE_VERSION = 2
 _CHUNK = 64  # characters resized at a time: bounds memory to ~60 MB of float images
 _PNG_NAME = re.compile(r"(\d+)_(\d+)\.png")
 
@@ -91,7 +106,9 @@ class Omniglot(TaskStream):
 
     The preprocessed images of all characters are cached in one file under ``cache_dir``
     (default ``$BILEVEL_META_CACHE/omniglot`` or ``~/.cache/bilevel-meta/omniglot``), named
-    after the source and the size and SHA-256 of its files.
+    after the source, the size and SHA-256 of its files and the ``preprocessing``
+    (``"area"``, ``"maml"`` = the official MAML preprocessing, or ``"lanczos"``; see the module
+    docstring), which the file also records and which is checked when it is read.
 
     Episodes: ``batch(i)`` is a :class:`TaskBatch` of ``meta_batch`` tasks with support
     ``x [meta_batch, ways*shots, 1, 28, 28]`` / ``y [meta_batch, ways*shots]`` (int64) and query
@@ -120,8 +137,14 @@ class Omniglot(TaskStream):
         dtype: torch.dtype = torch.float32,
         source: str = "auto",
         num_batches: int | None = None,
+        preprocessing: str = "area",
     ) -> None:
         _check_args(split, ways, shots, queries, meta_batch, source, dtype, num_batches)
+        if preprocessing not in PREPROCESSING:
+            raise ValueError(
+                f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}"
+            )
+        self.preprocessing = preprocessing
         self.root = Path(root).expanduser()
         self.split, self.ways, self.shots, self.queries = split, int(ways), int(shots), int(queries)
         self.meta_batch, self.seed, self.rotations = int(meta_batch), seed, rotations
@@ -129,7 +152,9 @@ class Omniglot(TaskStream):
         self.dtype, self.num_batches = dtype, num_batches
 
         self.source, paths = _find(self.root, source, download)
-        data, self.cache_path, self.loaded_from_cache = _load(self.source, paths, cache_dir)
+        data, self.cache_path, self.loaded_from_cache = _load(
+            self.source, paths, cache_dir, preprocessing
+        )
         self.num_characters = int(data["images"].shape[0])
         chars = split_characters(self.num_characters)[split]
         self.characters: list[int] = chars.tolist()
@@ -151,28 +176,16 @@ class Omniglot(TaskStream):
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def batch(self, i: int) -> TaskBatch:
-        """The ``i``-th batch of ``meta_batch`` tasks (deterministic in ``seed, split, i``)."""
-        if i < 0:
-            raise ValueError(f"batch index must be >= 0, got {i}")
-        return self._episodes(range(i * self.meta_batch, (i + 1) * self.meta_batch))
-
-    def task(self, t: int) -> TaskBatch:
-        """Task ``t`` of the stream, without the leading dimension: ``batch(i).task(j)`` equals
-        ``task(i * meta_batch + j)``."""
-        if t < 0:
-            raise ValueError(f"task index must be >= 0, got {t}")
-        return self._episodes([t]).task(0)
-
     def __repr__(self) -> str:
         return (
             f"Omniglot(split={self.split!r}, ways={self.ways}, shots={self.shots}, "
             f"queries={self.queries}, meta_batch={self.meta_batch}, seed={self.seed}, "
-            f"source={self.source!r}, characters={len(self.characters)}, "
+            f"source={self.source!r}, preprocessing={self.preprocessing!r}, "
+            f"characters={len(self.characters)}, "
             f"classes={self.num_classes})"
         )
 
-    def _episodes(self, tasks) -> TaskBatch:
+    def _tasks(self, tasks) -> TaskBatch:
         n = self.shots + self.queries
         picks = [self._sample(t) for t in tasks]
         cls = torch.stack([p[0] for p in picks])  # [B, ways] class positions in the split
@@ -195,17 +208,12 @@ class Omniglot(TaskStream):
         return TaskBatch(support, query)
 
     def _sample(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        g = _generator("omniglot", self.seed, self.split, t)
+        g = task_generator("omniglot", self.seed, self.split, t)
         cls = torch.randperm(self.num_classes, generator=g)[: self.ways]
         keys = torch.rand(self.ways, DRAWERS, generator=g, dtype=torch.float64)
         drawers = keys.argsort(dim=1)[:, : self.shots + self.queries]
         labels = torch.randperm(self.ways, generator=g)
         return cls, drawers, labels
-
-
-def _generator(*key) -> torch.Generator:
-    digest = hashlib.blake2b("/".join(map(str, key)).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def _check_args(split, ways, shots, queries, meta_batch, source, dtype, num_batches) -> None:
@@ -295,18 +303,25 @@ def _download(root: Path, names: tuple[str, ...], timeout: float = 10.0) -> None
 # ----------------------------------------------------------------------------- reading + cache
 
 
-def _load(source: str, paths: list[Path], cache_dir) -> tuple[dict, Path, bool]:
-    """Return ``({"images": uint8 [N,20,28,28], "numbers": int64 [N]}, cache path, hit)``."""
+def _load(source: str, paths: list[Path], cache_dir, preprocessing: str
+          ) -> tuple[dict, Path, bool]:
+    """Return ``({"images": uint8 [N,20,28,28], "numbers": int64 [N], "preprocessing": str},
+    cache path, hit)``."""
     if cache_dir is None:
         env = os.environ.get("BILEVEL_META_CACHE")
         cache_dir = Path(env) / "omniglot" if env else Path.home() / ".cache/bilevel-meta/omniglot"
     cache_dir = Path(cache_dir).expanduser()
     size, digest = _fingerprint(paths)
-    path = cache_dir / f"omniglot-{source}-{size}-{digest[:16]}-{IMAGE_SIZE}px-v{_CACHE_VERSION}.pt"
+    path = cache_dir / (f"omniglot-{source}-{size}-{digest[:16]}-{IMAGE_SIZE}px-{preprocessing}"
+                        f"-v{_CACHE_VERSION}.pt")
     if path.is_file():
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-            if data["images"].dtype == torch.uint8 and data["images"].shape[1:] == (
+            held = data.get("preprocessing")
+            if held != preprocessing:
+                warnings.warn(f"rebuilding the Omniglot cache {path}: it holds "
+                              f"preprocessing={held!r}, not {preprocessing!r}", stacklevel=3)
+            elif data["images"].dtype == torch.uint8 and data["images"].shape[1:] == (
                 DRAWERS,
                 IMAGE_SIZE,
                 IMAGE_SIZE,
@@ -314,7 +329,7 @@ def _load(source: str, paths: list[Path], cache_dir) -> tuple[dict, Path, bool]:
                 return data, path, True
         except Exception as err:  # corrupt or foreign file: rebuild it
             warnings.warn(f"ignoring unreadable Omniglot cache {path}: {err}", stacklevel=3)
-    data = _build(source, paths)
+    data = _build(source, paths, preprocessing)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as f:
@@ -339,23 +354,35 @@ def _fingerprint(paths: list[Path]) -> tuple[int, str]:
     return size, sha.hexdigest()
 
 
-def _build(source: str, paths: list[Path]) -> dict:
+def _build(source: str, paths: list[Path], preprocessing: str) -> dict:
     images, numbers = [], []
     for path in paths:  # background first, then evaluation
         offset = sum(len(n) for n in numbers)
         reader = _read_npz(path, offset) if source == "npz" else _read_zip(path)
         for background, nums in reader:
-            images.append(_preprocess(background))
+            images.append(_preprocess(background, preprocessing))
             numbers.append(torch.as_tensor(nums, dtype=torch.int64))
-    return {"images": torch.cat(images), "numbers": torch.cat(numbers)}
+    return {"images": torch.cat(images), "numbers": torch.cat(numbers),
+            "preprocessing": preprocessing}
 
 
-def _preprocess(background: np.ndarray) -> torch.Tensor:
+def _preprocess(background: np.ndarray, preprocessing: str = "area") -> torch.Tensor:
     """bool ``[k, 20, 105, 105]`` (True = background) -> uint8 ``[k, 20, 28, 28]`` strokes high."""
     k = background.shape[0]
-    x = torch.from_numpy(~background).to(torch.float32).reshape(-1, 1, RAW_SIZE, RAW_SIZE)
-    x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="area")
-    return x.mul_(255.0).round_().to(torch.uint8).reshape(k, DRAWERS, IMAGE_SIZE, IMAGE_SIZE)
+    if preprocessing == "area":
+        x = torch.from_numpy(~background).to(torch.float32).reshape(-1, 1, RAW_SIZE, RAW_SIZE)
+        x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="area")
+        return x.mul_(255.0).round_().to(torch.uint8).reshape(k, DRAWERS, IMAGE_SIZE, IMAGE_SIZE)
+    out = np.empty((k * DRAWERS, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    size, lanczos = (IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS
+    for j, mask in enumerate(background.reshape(-1, RAW_SIZE, RAW_SIZE)):
+        if preprocessing == "maml":  # mode "1", as decoded from the official 1-bit PNGs
+            small = np.asarray(Image.fromarray(mask).resize(size, resample=lanczos))
+            out[j] = np.where(small, 0, 255)
+        else:  # "lanczos": 8-bit grayscale, white background
+            img = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8))  # mode "L"
+            out[j] = 255 - np.asarray(img.resize(size, resample=lanczos))
+    return torch.from_numpy(out).reshape(k, DRAWERS, IMAGE_SIZE, IMAGE_SIZE)
 
 
 def _read_npz(path: Path, offset: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -426,10 +453,12 @@ def _read_zip(path: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
 
 
 def _background(data: bytes, name: str) -> np.ndarray:
-    """Decode one image into a bool mask, True = white background."""
-    img = decode_png(data)
-    if img.ndim == 3:
-        img = img[..., : min(3, img.shape[-1])].mean(axis=-1)
-    if img.shape != (RAW_SIZE, RAW_SIZE):
-        raise ValueError(f"{name}: expected a {RAW_SIZE}x{RAW_SIZE} image, got {img.shape}")
-    return img != 0 if img.max() <= 1 else img >= img.max() / 2
+    """Decode one image with Pillow into a bool mask, True = white background."""
+    img = open_image(data, name)
+    if img.size != (RAW_SIZE, RAW_SIZE):
+        raise ValueError(f"{name}: expected a {RAW_SIZE}x{RAW_SIZE} image, got "
+                         f"{img.size[0]}x{img.size[1]}")
+    if img.mode == "1":
+        return np.asarray(img, dtype=bool)
+    gray = np.asarray(img.convert("L"))
+    return gray >= max(int(gray.max()), 1) / 2

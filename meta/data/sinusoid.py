@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
+from collections.abc import Sequence
 
 import torch
 
 from ..tasks import TaskBatch
-from .stream import TaskStream
+from .stream import TaskStream, task_generator
 
 __all__ = ["Sinusoid"]
 
@@ -19,8 +19,10 @@ class Sinusoid(TaskStream):
     Each task draws ``A ~ U(amplitude)``, ``phase ~ U(phase)`` and ``shots + queries`` inputs
     ``x ~ U(x_range)`` (all in float64, then cast to ``dtype``). ``batch(i)`` is a
     :class:`TaskBatch` whose support is ``(x, y)`` of shape ``[meta_batch, shots, 1]`` each and
-    whose query is ``[meta_batch, queries, 1]``. Task ``t`` depends only on ``(seed, t)`` and the
-    constructor arguments; ``batch(i)`` stacks tasks ``i*meta_batch .. (i+1)*meta_batch - 1``.
+    whose query is ``[meta_batch, queries, 1]``. Task ``t`` depends only on ``(seed, split, t)``
+    and the constructor arguments (generator ``task_generator("sinusoid", seed, t)`` for
+    ``split="train"``, ``("sinusoid", seed, split, t)`` for ``"val"``/``"test"``, so the splits
+    never share tasks); ``batch(i)`` stacks tasks ``i*meta_batch .. (i+1)*meta_batch - 1``.
     Iteration yields ``batch(0), batch(1), ...`` forever, or ``num_batches`` batches.
     """
 
@@ -36,7 +38,10 @@ class Sinusoid(TaskStream):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         num_batches: int | None = None,
+        split: str = "train",
     ) -> None:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be one of ('train', 'val', 'test'), got {split!r}")
         for name, value in (("shots", shots), ("queries", queries), ("meta_batch", meta_batch)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -48,16 +53,17 @@ class Sinusoid(TaskStream):
         self.shots, self.queries, self.meta_batch = shots, queries, meta_batch
         self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
         self.seed, self.dtype, self.num_batches = seed, dtype, num_batches
+        self.split = split
+        self._key = ("sinusoid", seed) if split == "train" else ("sinusoid", seed, split)
         self.device = torch.device(device if device is not None else "cpu")
 
     def task_params(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Amplitudes and phases (float64, ``[meta_batch]``) of the tasks of ``batch(i)``."""
-        u = self._uniforms(i)
+        u = self._uniforms(self.task_ids(i))
         return _scale(u[:, 0], self.amplitude), _scale(u[:, 1], self.phase)
 
-    def batch(self, i: int) -> TaskBatch:
-        """The ``i``-th batch of ``meta_batch`` tasks (deterministic in ``seed, i``)."""
-        u = self._uniforms(i)
+    def _tasks(self, ids: Sequence[int]) -> TaskBatch:
+        u = self._uniforms(ids)
         amp, phase = _scale(u[:, :1], self.amplitude), _scale(u[:, 1:2], self.phase)
         x = _scale(u[:, 2:], self.x_range)
         y = amp * torch.sin(x - phase)
@@ -65,36 +71,21 @@ class Sinusoid(TaskStream):
         s = self.shots
         return TaskBatch((x[:, :s], y[:, :s]), (x[:, s:], y[:, s:]))
 
-    def task(self, t: int) -> TaskBatch:
-        """Task ``t`` of the stream without the leading dimension."""
-        i, j = divmod(t, self.meta_batch)
-        return self.batch(i).task(j)
-
     def __repr__(self) -> str:
         return (
             f"Sinusoid(shots={self.shots}, queries={self.queries}, meta_batch={self.meta_batch}, "
             f"amplitude={self.amplitude}, phase={self.phase}, x_range={self.x_range}, "
-            f"seed={self.seed})"
+            f"seed={self.seed}, split={self.split!r})"
         )
 
-    def _uniforms(self, i: int) -> torch.Tensor:
-        """``[meta_batch, 2 + shots + queries]`` U(0, 1) draws: amplitude, phase, inputs."""
-        if i < 0:
-            raise ValueError(f"batch index must be >= 0, got {i}")
+    def _uniforms(self, ids: Sequence[int]) -> torch.Tensor:
+        """``[len(ids), 2 + shots + queries]`` U(0, 1) draws: amplitude, phase, inputs."""
         n = 2 + self.shots + self.queries
-        first = i * self.meta_batch
-        rows = [
-            torch.rand(n, generator=_generator(self.seed, t), dtype=torch.float64)
-            for t in range(first, first + self.meta_batch)
-        ]
+        rows = [torch.rand(n, generator=task_generator(*self._key, t),
+                           dtype=torch.float64) for t in ids]
         return torch.stack(rows)
 
 
 def _scale(u: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
     lo, hi = bounds
     return lo + (hi - lo) * u
-
-
-def _generator(seed: int, t: int) -> torch.Generator:
-    digest = hashlib.blake2b(f"sinusoid/{seed}/{t}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
