@@ -16,8 +16,9 @@ class MemoryReducedMAML(MetaLearner):
     """Backbone = upper variable, linear head = lower variable; history-free hypergradient.
 
     Upper variable x = the backbone: every trainable parameter outside the head (the only
-    parameters that ever get ``.grad``: give the optimiser the backbone, e.g. ``Adam(model.features.parameters())``; an optimiser over all
-    parameters also works, as Adam/SGD skip parameters whose ``.grad`` is None). Lower variable
+    parameters that ever get ``.grad``: give the optimiser the backbone, e.g.
+    ``Adam(model.features.parameters())``; an optimiser over all parameters also works, as
+    Adam/SGD skip parameters whose ``.grad`` is None). Lower variable
     y = the head's parameters (``head``: a submodule name, default ``"head"``; ``backbone``
     as :class:`meta.ANIL`), started every time from the model's head as initialised
     (the official fixed random init: drawn once with the model, stored in it, never updated).
