@@ -13,16 +13,53 @@ optimiser performs the outer step::
         out = learner.meta_step(batch)      # {"loss": query loss, "accuracy": query accuracy}
         opt.step()
 
-Conventions shared by every learner
------------------------------------
+Conventions shared by every learner (the policies for a user's own ``nn.Module``)
+-------------------------------------------------------------------------------------
 - Functional parameters: the model's parameters are read (detached) at every call, the inner
-  loop runs on dicts ``{name: tensor}`` through ``torch.func.functional_call``; the model object
-  itself is never modified by a learner.
-- Batch norm: with :class:`meta.Conv4` every forward (support, query, meta-test) normalises with
-  the statistics of its own batch, as the MAML official code does (transductive); there are no
-  running statistics, so ``model.train()``/``model.eval()`` never changes a result. A user model
-  with running-stat BN would see its buffers as constants (``functional_call`` does not write
-  them back).
+  loop runs on dicts ``{name: tensor}`` through ``torch.func.functional_call``
+  (:class:`~meta.algorithms.functional_model.FunctionalModel`); a learner never changes the
+  model: no parameter, buffer or train/eval mode is written, in training or in
+  :meth:`MetaLearner.evaluate` (tested on ``state_dict()`` before/after).
+- Batch norm: transductive batch statistics EVERYWHERE, as the MAML official code (and most
+  learn2learn/higher users) do. Every forward (support, query, accuracy, meta-test)
+  normalises with the statistics of its own batch, in ``train()`` and ``eval()`` mode alike.
+  ``torch.nn`` batch-norm layers (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``), with or without
+  ``track_running_stats``, are detected when the learner is built and called functionally
+  with their running buffers replaced by ``None``: ``running_mean``/``running_var``/
+  ``num_batches_tracked`` are never read nor updated (they keep their initial values; to use
+  the adapted model outside the learner call :meth:`MetaLearner.predict`, not
+  ``model.eval()(x)``). Why: a task's support set is the only labelled data the meta-test
+  adaptation may use, running statistics mix tasks (and meta-test tasks) that should be
+  independent, and they cannot be carried through ``vmap`` (each task would write the same
+  buffer) nor through the meta-gradient. Under ``vmap``/``jvp`` the normalisation runs on
+  plain ops (the fused kernel's batching rule gives wrong second-order meta-gradients,
+  pytorch/functorch#534). ``InstanceNorm(track_running_stats=True)`` is refused.
+  :class:`meta.Conv4` uses :class:`meta.BatchNorm`, the same function without buffers.
+- Other modules follow the model's mode as the user set it: ``model.train()`` = dropout
+  active, ``model.eval()`` = dropout off (``meta-train`` evaluates in eval mode). LayerNorm,
+  GroupNorm and any module without running state need nothing.
+- Randomness (dropout) under ``vectorize=True``: ``randomness=`` is passed to
+  ``torch.func.vmap``. ``"different"`` (default): independent draws per task, the
+  distribution of the Python loop (where each task draws in turn), so vmap and loop are the
+  same estimator; the numbers differ (different RNG consumption order). ``"same"``: one draw
+  shared by every task; the loop then replays the RNG state for each task, so loop and vmap
+  give the same numbers (tested bit for bit on CPU). ``"error"``: torch's default, random
+  ops raise under vmap. Loop == vmap to rounding: with ``"same"``, or with dropout off.
+- Frozen parameters (``requires_grad=False``) are constants: neither adapted in the inner
+  loop nor meta-learned (no ``.grad``), as ``loss.backward()`` would treat them.
+- Head-only learners (:class:`meta.ANIL`, :class:`meta.MemoryReducedMAML`): ``head=`` names
+  the adapted submodule, ``backbone=`` how its input is computed (default what the model
+  feeds the head); the split is built once, in :class:`MetaLearner.__init__`
+  (:class:`~meta.algorithms.head_only.HeadSplit`), and checked on the first batch.
+- First batch: labels and the model output are checked against the loss
+  (:mod:`meta.algorithms.checks`): integer labels 0..ways-1 per task, output ``[n, ways]``,
+  a leading task dimension; the errors name the split, the task and the shapes.
+- Estimators: those that ignore the inner start point (``bl.Implicit``, ``bl.HistoryFree``)
+  are refused where the inner loss depends on θ only through w_0 = θ (MAML, FOMAML, ANIL,
+  Sign-/Sharp-MAML): their meta-gradient would be identically zero.
+- Meta-test defaults: ``eval_inner_steps=None`` = max(10, inner_steps) (MAML's official
+  test uses 10 steps), ``eval_inner_lr=None`` = ``inner_lr``; the memory-reduced learner
+  keeps the official 20 x 0.05. ``meta-train`` uses the same rule.
 - Device and dtype: those of the model's first parameter; batches are moved/cast to them
   (integer labels keep their dtype). CPU and CUDA, float32 and float64.
 - Vectorisation: ``vectorize=True`` computes the per-task hypergradients with
@@ -140,7 +177,7 @@ class MetaLearner:
     head_only: bool = False
     #: why estimators that ignore the inner start point (bl.Implicit, bl.HistoryFree) give a
     #: zero meta-gradient here (None: they apply)
-    implicit_refusal: str | None = ("its inner (support) loss depends on the meta-parameters "
+    implicit_refusal: str | None = ("inner (support) loss depends on the meta-parameters "
                                     "only through the start point w_0 = θ")
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int, *,
