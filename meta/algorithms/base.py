@@ -32,8 +32,9 @@ Conventions shared by every learner (the policies for a user's own ``nn.Module``
   adaptation may use, running statistics mix tasks (and meta-test tasks) that should be
   independent, and they cannot be carried through ``vmap`` (each task would write the same
   buffer) nor through the meta-gradient. Under ``vmap``/``jvp`` the normalisation runs on
-  plain ops (the fused kernel's batching rule gives wrong second-order meta-gradients,
-  pytorch/functorch#534). ``InstanceNorm(track_running_stats=True)`` is refused.
+  plain ops, exact in every composition (the fused kernel's batching rule is wrong for
+  ``grad(vmap(...))``, pytorch/functorch#534). ``InstanceNorm(track_running_stats=True)``
+  is refused.
   :class:`meta.Conv4` uses :class:`meta.BatchNorm`, the same function without buffers.
 - Other modules follow the model's mode as the user set it: ``model.train()`` = dropout
   active, ``model.eval()`` = dropout off (``meta-train`` evaluates in eval mode). LayerNorm,
@@ -52,8 +53,9 @@ Conventions shared by every learner (the policies for a user's own ``nn.Module``
   feeds the head); the split is built once, in :class:`MetaLearner.__init__`
   (:class:`~meta.algorithms.head_only.HeadSplit`), and checked on the first batch.
 - First batch: labels and the model output are checked against the loss
-  (:mod:`meta.algorithms.checks`): integer labels 0..ways-1 per task, output ``[n, ways]``,
-  a leading task dimension; the errors name the split, the task and the shapes.
+  (:mod:`meta.algorithms.checks`): integer labels in [0, ways), output ``[n, ways]`` with
+  ``ways`` the classes of the support sets, a leading task dimension; the errors name the
+  split, the task and the shapes.
 - Estimators: those that ignore the inner start point (``bl.Implicit``, ``bl.HistoryFree``)
   are refused where the inner loss depends on θ only through w_0 = θ (MAML, FOMAML, ANIL,
   Sign-/Sharp-MAML): their meta-gradient would be identically zero.

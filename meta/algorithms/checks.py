@@ -6,12 +6,12 @@ of surfacing deep inside the inner loop:
 
 - task dimension: inputs ``[tasks, n, *input]`` and targets ``[tasks, n]`` (or
   ``[tasks, n, k]`` for regression) agree on ``tasks`` and ``n``;
-- cross-entropy labels: integer dtype; in each task the support labels are exactly
-  ``0..ways-1`` (every class present, ``ways`` = number of distinct support labels) and the
-  query labels lie in ``[0, ways)``;
 - the model output on one task's support inputs (one forward, no gradient, the global RNG
   untouched): one tensor of shape ``[n, ways]`` for cross-entropy, ``[n, k]`` with ``n·k``
-  targets for MSE (any tensor for a user loss).
+  targets for MSE (any tensor for a user loss);
+- cross-entropy labels: integer dtype, support and query labels of every task in
+  ``[0, ways)`` (``ways`` = the model's outputs), and the support sets of the batch use every
+  class (largest support label = ways − 1: a 10-output head on 5-way tasks is refused).
 """
 
 from __future__ import annotations
@@ -90,26 +90,6 @@ def check_batch(learner: MetaLearner, batch: TaskBatch, hparams) -> None:
             raise ValueError(f"the {split} set has {x.shape[0]} tasks (inputs) and "
                              f"{y.shape[0]} (targets), the support inputs "
                              f"{batch.support[0].shape[0]}")
-    ways = None
-    if classify:
-        ys, yq = batch.support[1], batch.query[1]
-        for i in range(ys.shape[0]):
-            present = sorted(int(v) for v in torch.unique(ys[i]).tolist())
-            k = len(present)
-            if present != list(range(k)):
-                raise ValueError(f"the support labels of task {i} are {_labels(present)} "
-                                 f"({k} classes): labels must be the integers 0..{k - 1} "
-                                 f"([0, ways) with every class in the support set); relabel "
-                                 f"each task's classes 0..ways-1")
-            if ways is None:
-                ways = k
-            elif k != ways:
-                raise ValueError(f"task {i} has {k} support classes, task 0 has {ways}: every "
-                                 f"task of a batch must have the same number of ways")
-            bad = sorted(int(v) for v in torch.unique(yq[i]).tolist() if not 0 <= v < k)
-            if bad:
-                raise ValueError(f"the query labels of task {i} include {_labels(bad)}, "
-                                 f"outside [0, {k}) (the {k} classes of its support set)")
     xs, ys0 = batch.support[0][0], batch.support[1][0]
     n = xs.shape[0]
     devices = [learner.device] if learner.device.type == "cuda" else []
@@ -120,17 +100,31 @@ def check_batch(learner: MetaLearner, batch: TaskBatch, hparams) -> None:
                         f"need one tensor of {'logits [n, ways]' if classify else 'outputs'}; "
                         f"make the model return only that (e.g. out[0])")
     where = f"for the {n} support inputs {_shape(xs)} of task 0"
-    if classify and (out.dim() != 2 or out.shape[0] != n):
-        hint = ("flatten it (e.g. torch.flatten(out, 1) or nn.Flatten())"
-                if out.dim() > 2 and out.shape[0] == n and out[0].numel() == ways else
-                "is the task dimension missing? TaskBatch inputs are [tasks, n, ...]"
-                if out.shape[:1] != (n,) else "return [n, ways] logits")
-        raise ValueError(f"the model output has shape {_shape(out)} {where}; cross-entropy "
-                         f"needs [n, ways] = [{n}, {ways}]: {hint}")
-    if classify and out.shape[1] != ways:
-        raise ValueError(f"the model output has shape {_shape(out)} {where}, a {ways}-way "
-                         f"task: cross-entropy needs [n, ways] = [{n}, {ways}] (one logit "
-                         f"per class: give the head {ways} outputs)")
+    if classify:
+        ys, yq = batch.support[1], batch.query[1]
+        seen = int(ys.max()) + 1  # the classes the support sets use: 0..seen-1
+        if out.dim() != 2 or out.shape[0] != n:
+            hint = ("flatten it (e.g. torch.flatten(out, 1) or nn.Flatten())"
+                    if out.dim() > 2 and out.shape[0] == n else
+                    "is the task dimension missing? TaskBatch inputs are [tasks, n, ...]"
+                    if out.shape[:1] != (n,) else "return [n, ways] logits")
+            ways = out[0].numel() if out.dim() > 2 and out.shape[0] == n else seen
+            raise ValueError(f"the model output has shape {_shape(out)} {where}; "
+                             f"cross-entropy needs [n, ways] = [{n}, {ways}]: {hint}")
+        ways = out.shape[1]
+        for split, y in (("support", ys), ("query", yq)):
+            for i in range(y.shape[0]):
+                present = sorted(int(v) for v in torch.unique(y[i]).tolist())
+                if present[0] < 0 or present[-1] >= ways:
+                    raise ValueError(f"the {split} labels of task {i} are {_labels(present)}: "
+                                     f"labels must lie in [0, {ways}) (ways = {ways}, the "
+                                     f"model's outputs); relabel each task's classes "
+                                     f"0..ways-1")
+        if seen < ways:
+            raise ValueError(f"the model output has shape {_shape(out)} {where}, but the "
+                             f"support labels use {seen} classes (0..{seen - 1}): a {seen}-way "
+                             f"task needs [n, ways] = [{n}, {seen}] (one logit per class: give "
+                             f"the head {seen} outputs)")
     if regress and (out.dim() != 2 or out.shape[0] != n or out.numel() != ys0.numel()):
         raise ValueError(f"the model output has shape {_shape(out)} {where} and the targets "
                          f"{_shape(ys0)}; MSE needs [n, k] outputs with n·k targets"

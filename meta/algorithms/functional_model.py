@@ -11,9 +11,12 @@ The learners never call ``model(x)``; they call :meth:`FunctionalModel.__call__`
   they are neither read nor written (``running_mean``, ``running_var`` and
   ``num_batches_tracked`` keep the values they had when the learner was built). Under
   ``torch.func.vmap``/``jvp`` the normalisation is written with plain tensor ops (a
-  ``TorchFunctionMode`` reroutes ``F.batch_norm``), because the fused kernel's batching rule
-  gives wrong second-order meta-gradients (pytorch/functorch#534; see
-  :class:`meta.BatchNorm`). ``InstanceNorm`` with ``track_running_stats=True`` is refused at
+  ``TorchFunctionMode`` reroutes batch-statistics ``F.batch_norm`` calls), as
+  :class:`meta.BatchNorm` does: the fused kernel's batching rule gives wrong second-order
+  derivatives in the pattern ``grad(vmap(task).mean())`` (pytorch/functorch#534; the
+  learners' own ``vmap(grad(task))`` is exact either way), so any composition a user
+  builds on the learner's forward stays exact (tested). ``InstanceNorm`` with
+  ``track_running_stats=True`` is refused at
   construction (pass ``track_running_stats=False``).
 - **Every other module follows the model's mode** as the user set it (``model.train()``:
   dropout active; ``model.eval()``: dropout off). The learners never change the mode, a
