@@ -386,11 +386,14 @@ def _datasets(c: TrainConfig):
 
 def load_factory(spec: str) -> Callable[..., torch.nn.Module]:
     """``"package.module:factory"`` -> the callable (``factory`` may be dotted: a class
-    attribute); raises :class:`ConfigError` saying what is missing."""
+    attribute); the module is looked up on ``sys.path``, then in the current directory;
+    raises :class:`ConfigError` saying what is missing."""
     module_name, sep, attr = str(spec).partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"--model {spec!r}: expected package.module:factory (e.g. "
                           f"mypkg.nets:make_net)")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # local modules, as `python -m`
+        sys.path.append(os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:

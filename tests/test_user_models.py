@@ -645,3 +645,13 @@ def test_torch_batch_norm_exact_under_grad_of_vmap():
     if errors["plain"] < 1e-9:
         pytest.skip(f"F.batch_norm under grad(vmap) is exact on torch {torch.__version__}")
     assert errors["plain"] > 1e-6, errors
+
+
+def test_a_model_that_fails_on_the_first_batch_is_named_with_its_input():
+    model = Out(lambda z: z[:, :WAYS]).to(DT)
+    with pytest.raises(ValueError) as exc:
+        meta.MAML(model, vectorize=False).meta_step(one_task_batch(x_shape=(7,)))
+    assert str(exc.value).startswith(
+        "the model failed on the 3 support inputs [3, 7] of task 0 (a task's inputs: [n, ...], "
+        "the TaskBatch's task dimension removed): RuntimeError: ")
+    assert isinstance(exc.value.__cause__, RuntimeError)

@@ -93,8 +93,13 @@ def check_batch(learner: MetaLearner, batch: TaskBatch, hparams) -> None:
     xs, ys0 = batch.support[0][0], batch.support[1][0]
     n = xs.shape[0]
     devices = [learner.device] if learner.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        out = learner.forward({}, hparams, xs)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            out = learner.forward({}, hparams, xs)
+    except Exception as err:  # the model's own error, with the input it got
+        raise ValueError(f"the model failed on the {n} support inputs {_shape(xs)} of task 0 "
+                         f"(a task's inputs: [n, ...], the TaskBatch's task dimension removed): "
+                         f"{type(err).__name__}: {err}") from err
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the model output is a {describe(out)}, not a tensor: meta learners "
                         f"need one tensor of {'logits [n, ways]' if classify else 'outputs'}; "
