@@ -655,3 +655,20 @@ def test_a_model_that_fails_on_the_first_batch_is_named_with_its_input():
         "the model failed on the 3 support inputs [3, 7] of task 0 (a task's inputs: [n, ...], "
         "the TaskBatch's task dimension removed): RuntimeError: ")
     assert isinstance(exc.value.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize("name", ["reptile", "signmaml", "sharpmaml"])
+def test_other_learners_with_a_user_model(name):
+    """Running-stat BN + dropout (train mode): "same" loop == vmap, the model unchanged."""
+    model, batch = make_model("bn1d-running"), make_batch("bn1d-running")
+    model.body.append(nn.Dropout(0.2))
+    before = state(model)
+    kw = dict(inner_steps=2, randomness="same")
+    grads = []
+    for vectorize in (False, True):
+        torch.manual_seed(3)
+        grads.append(meta_grad(meta.make_learner(name, model, vectorize=vectorize, **kw), batch))
+    assert rel(grads[1], grads[0]) < 1e-12
+    model.zero_grad(set_to_none=True)
+    meta.make_learner(name, model, **kw).evaluate(iter([batch]), num_tasks=TASKS)
+    assert_unchanged(model, before)

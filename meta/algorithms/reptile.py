@@ -57,9 +57,9 @@ class Reptile(MetaLearner):
             return bl.solve(problem, hparams, support, solver=solver)
 
         if self.use_vmap():
-            phis = torch.func.vmap(one)(batch.support)
+            phis = self._vmap(one)(batch.support)
         else:
-            phis = _stack([one(batch.task(i).support) for i in range(batch.num_tasks)])
+            phis = _stack([one(batch.task(i).support) for i in self._tasks(batch.num_tasks)])
         for n, p in phis.items():
             if not bool(torch.isfinite(p).all()):
                 raise FloatingPointError(f"Reptile: the adapted parameter {n!r} holds NaN/inf: "
