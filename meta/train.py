@@ -748,7 +748,8 @@ def train(config: TrainConfig, *, resume: bool = False, stream: TextIO | None = 
     ``model``: your own ``nn.Module`` (trained in place; moved to the run's device and dtype)
     or a factory called with ``ways`` / ``in_channels`` (those it accepts; see the module
     docstring); default ``config.model`` or the built-in MLP (sinusoid) / Conv4 (Omniglot).
-    A run trained with a model instance is resumed by passing the model again.
+    A run trained with a model instance is resumed by passing the model again; one trained
+    with an importable factory is rebuilt from the factory the checkpoint records.
 
     ``resume=True`` continues the run in ``config.out`` from its checkpoint (fields set in
     ``config`` must match the saved ones except :data:`RESUME_OVERRIDABLE`). Setup problems
@@ -763,7 +764,9 @@ def train(config: TrainConfig, *, resume: bool = False, stream: TextIO | None = 
             raise ConfigError("--resume needs --out DIR (the run directory to continue)")
         config, ckpt = _merge_resume(config, Path(config.out))
         saved = ckpt.get("model_record") or {}
-        if model is None and config.model is None and saved.get("class") and \
+        if model is None and config.model is None and saved.get("factory"):
+            model = load_factory(saved["factory"])  # a factory given as model=...
+        elif model is None and config.model is None and saved.get("class") and \
                 not str(saved["class"]).startswith("meta.models."):
             raise ConfigError(f"the run in {config.out} was trained with a model instance "
                               f"({saved['class']}) that the checkpoint cannot rebuild: pass "

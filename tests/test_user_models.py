@@ -564,6 +564,16 @@ def test_meta_train_with_a_model_factory_resumes_exactly(factory_module, tmp_pat
     losses = [float(r["loss"]) for r in rows if r["split"] == "train"]
     line = [ln for ln in err.splitlines() if ln.startswith("iter 3/4")][0]
     assert f"mse {sum(losses[:3]) / 3:.4f}" in line
+    # a factory given to train(model=...) is recorded and rebuilt on resume
+    from i10_user_nets import make
+
+    out = tmp_path / "api"
+    kw = dict(iterations=2, meta_batch=2, val_every=0, test_tasks=2, out=str(out),
+              progress=False)
+    first = train(TrainConfig(**kw), model=make, stream=io.StringIO())
+    assert first["model"]["factory"] == factory_module
+    again = train(TrainConfig(out=str(out), iterations=3), resume=True, stream=io.StringIO())
+    assert again["iterations"] == 3 and again["model"]["factory"] == factory_module
     with pytest.raises(SystemExit):  # --hidden does not apply to a user model
         main(tiny(tmp_path / "x", 2, "--model", factory_module, "--hidden", "8"))
     with pytest.raises(SystemExit):
