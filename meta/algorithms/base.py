@@ -545,8 +545,9 @@ class MetaLearner:
     def adapt(self, support: Split) -> Params:
         """Adapt to one task's support set ``(x, y)`` (no task dim) with the meta-test inner
         loop (``eval_inner_steps``, ``eval_inner_lr``); returns the full functional parameter
-        dict ``{name: tensor}`` with the model's parameter names (detached), usable as
-        ``torch.func.functional_call(model, adapted, (x,))``."""
+        dict ``{name: tensor}`` with the model's parameter names (detached): predictions
+        with :meth:`predict` (``torch.func.functional_call(model, adapted, (x,))`` gives the
+        same for a model without torch batch-norm layers)."""
         support = self._prepare_split(support)
         self._consts = self.constants()
         hparams = self.hparams()
