@@ -7,6 +7,7 @@ iterations (about a minute on a laptop CPU) and prints where the outputs are. Ex
     meta-train --dataset omniglot --data-root ~/data/omniglot --algorithm fomaml
     meta-train --dataset omniglot --algorithm maml --estimator checkpointed --out runs/o5
     meta-train --out runs/o5 --resume --iterations 60000     # continue (exactly) where it stopped
+    meta-train --dataset omniglot --model mypkg.nets:make_net --algorithm anil --head fc
 
 Bad arguments print one line on stderr and exit with status 2; Ctrl-C stops after the current
 iteration, saves the checkpoint and exits with status 130.
@@ -125,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_defaults("inner_lr") + "; signmaml, and on omniglot imaml, "
                         "memoryreduced and reptile, use their learner's default")
     g.add_argument("--eval-inner-steps", type=_int(0), metavar="K",
-                   help="inner steps at validation and test; default 10 (at least "
-                        "--inner-steps; memoryreduced: its learner's 20)")
+                   help="inner steps at validation and test; default max(10, --inner-steps) "
+                        "as in the Python API (memoryreduced: its learner's 20)")
     g.add_argument("--eval-inner-lr", type=_positive_float, metavar="LR",
                    help="inner lr at validation and test; default the learner's (the training "
                         "--inner-lr; memoryreduced: 0.05, the official code's); may change on "
@@ -135,9 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam step size; default 0.001")
     g.add_argument("--hidden", type=_hidden, metavar="SIZES",
                    help=_defaults("hidden") + " (MLP widths / Conv4 channels)")
+    g.add_argument("--model", metavar="PKG.MODULE:FACTORY",
+                   help="your own model: FACTORY(ways=..., in_channels=...) (the keywords it "
+                        "accepts) returns an nn.Module; default the built-in MLP (sinusoid) / "
+                        "Conv4 (omniglot)")
+    g.add_argument("--head", metavar="NAME",
+                   help="anil, memoryreduced: the head submodule adapted in the inner loop "
+                        "(default: head)")
+    g.add_argument("--backbone", metavar="NAME",
+                   help="anil, memoryreduced: the backbone submodule (default: whatever the "
+                        "model feeds its head)")
     g.add_argument("--estimator", metavar="SPEC",
                    help="override the learner's hypergradient estimator: unrolled, "
-                        "truncated:T, checkpointed, implicit:cg:N, firstorder, historyfree")
+                        "truncated:T, checkpointed, firstorder, forwardmode; implicit:cg:N "
+                        "and historyfree[:N] for imaml / memoryreduced only")
     g.add_argument("--reg", type=_positive_float, help="imaml: proximal regularisation lambda")
     g.add_argument("--cg-iters", type=_int(0), metavar="N",
                    help="imaml, memoryreduced: conjugate-gradient iterations")

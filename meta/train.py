@@ -11,7 +11,8 @@ Every field of :class:`TrainConfig` left ``None`` takes the dataset default
 (:data:`DATASET_DEFAULTS`, Finn et al. 2017's MAML settings; see :func:`resolve`).
 
 A run directory holds ``metrics.csv`` (iteration, split, loss, accuracy, ci95, time),
-``checkpoint.pt`` (model, optimiser, iteration, RNG states, config; replaced atomically),
+``checkpoint.pt`` (model, optimiser, iteration, RNG states, config and the model's factory;
+replaced atomically),
 ``results.json`` (test metric +/- 95% CI, config, timings, versions) and ``curve.png``.
 
 Exact resumption: batch ``i`` of every task stream is a pure function of ``(seed, split, i)``
@@ -19,11 +20,22 @@ Exact resumption: batch ``i`` of every task stream is a pure function of ``(seed
 meta-steps, and the checkpoint holds the optimiser state and the RNG states, so a run resumed at
 iteration ``k`` (``train(TrainConfig(out=DIR), resume=True)``) reproduces the parameters of an
 uninterrupted run bit for bit (same device, dtype and thread count).
+
+Your own model: ``train(config, model=net)`` (an ``nn.Module``, trained in place, or a
+factory called as below), or ``TrainConfig(model="package.module:factory")`` /
+``meta-train --model package.module:factory``: the factory is called with the keyword
+arguments it accepts among ``ways`` (the number of outputs: the classes of a task, 1 for
+sinusoid regression) and ``in_channels`` (1: Omniglot's grey images, sinusoid's scalar
+input). The checkpoint records the factory (or the class of a given instance), and
+``--resume`` rebuilds the model from it. Validation and test run with the model in
+``eval()`` mode (dropout off) and training in ``train()`` mode; batch norm uses batch
+statistics in both (:mod:`meta.algorithms.base`).
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
 import inspect
 import io
 import json
@@ -37,6 +49,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
@@ -49,6 +62,7 @@ import bilevel as bl
 
 __all__ = ["TrainConfig", "ConfigError", "TrainingInterrupted", "DATASET_DEFAULTS", "resolve",
            "train", "parse_estimator", "save_checkpoint", "load_checkpoint", "Progress",
+           "load_factory", "factory_spec", "model_kwargs",
            "CHECKPOINT", "METRICS", "RESULTS", "CURVE"]
 
 CHECKPOINT, METRICS, RESULTS, CURVE = "checkpoint.pt", "metrics.csv", "results.json", "curve.png"
@@ -107,6 +121,9 @@ class TrainConfig:
     cg_iters: int | None = None       # imaml, memoryreduced
     rho_inner: float | None = None    # sharpmaml
     rho_outer: float | None = None    # sharpmaml
+    model: str | None = None          # "package.module:factory"; default MLP / Conv4
+    head: str | None = None           # anil, memoryreduced: the head submodule's name
+    backbone: str | None = None       # anil, memoryreduced: the backbone submodule's name
 
 
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -115,13 +132,13 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # on a CPU (46 s measured on one core of the development machine, test MSE 0.14 after 10
     # steps).
     "sinusoid": dict(shots=10, queries=10, meta_batch=25, inner_steps=1, inner_lr=0.01,
-                     meta_lr=1e-3, iterations=10000, eval_inner_steps=10, val_every=500,
+                     meta_lr=1e-3, iterations=10000, val_every=500,
                      val_tasks=100, test_tasks=600, hidden=[40, 40], checkpoint_every=1000,
                      threads=1, vectorize="on"),
     # cbfinn/maml, Omniglot 5-way 1-shot: 32 tasks, alpha = 0.4, one step (10 at test), Adam
     # 1e-3, 40 000 iterations, 64 channels; 15 queries per class.
     "omniglot": dict(ways=5, shots=1, queries=15, meta_batch=32, inner_steps=1, inner_lr=0.4,
-                     meta_lr=1e-3, iterations=40000, eval_inner_steps=10, val_every=500,
+                     meta_lr=1e-3, iterations=40000, val_every=500,
                      val_tasks=100, test_tasks=600, hidden=[64], checkpoint_every=500,
                      threads=None, vectorize="auto"),
 }
@@ -137,7 +154,7 @@ _LEARNER_DEFAULTS = {"imaml": ("inner_steps",), "memoryreduced": ("inner_steps",
 # ... and on Omniglot their inner lr too: 16-20 steps of MAML's 0.4 diverge (measured: iMAML's
 # inner loss grew 1.6 -> 2.3 in 16 steps, CG broke down, no meta-learning in 250 iterations).
 _LEARNER_LR_ON = {"omniglot": ("imaml", "memoryreduced", "reptile")}
-_EXTRAS = ("reg", "cg_iters", "rho_inner", "rho_outer")
+_EXTRAS = ("reg", "cg_iters", "rho_inner", "rho_outer", "head", "backbone")
 # Fields a resumed run may change: they do not touch the training trajectory.
 RESUME_OVERRIDABLE = {"iterations", "eval_inner_lr", "val_every", "val_tasks", "test_tasks",
                       "checkpoint_every", "log_every", "progress", "out", "data_root",
@@ -255,9 +272,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
             if name in own and name in learner_defaults:
                 value = learner_defaults[name]
             setattr(c, name, list(value) if isinstance(value, list) else value)
-    if config.eval_inner_steps is None:  # the learner's own test default, else >= training
+    if c.eval_inner_steps is None:  # the learner's own default (the same rule as the API)
+        from .algorithms.base import default_eval_steps
+
         own = learner_defaults.get("eval_inner_steps")
-        c.eval_inner_steps = own if own is not None else max(c.eval_inner_steps, c.inner_steps)
+        c.eval_inner_steps = own if own is not None else default_eval_steps(c.inner_steps)
     for name in ("ways", "shots", "queries", "meta_batch", "iterations", "val_tasks",
                  "test_tasks", "threads"):
         if getattr(c, name) is not None:
@@ -270,11 +289,18 @@ def resolve(config: TrainConfig) -> TrainConfig:
         _positive(c.log_every, "log-every")
     if not isinstance(c.seed, int) or isinstance(c.seed, bool) or c.seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {c.seed!r}")
-    c.hidden = [int(h) for h in c.hidden]
-    if not c.hidden or any(h < 1 for h in c.hidden):
-        raise ConfigError(f"hidden sizes must be positive integers, got {c.hidden}")
+    if c.model is not None:
+        if config.hidden is not None:
+            raise ConfigError("hidden applies to the built-in models (MLP, Conv4), not to "
+                              f"--model {c.model}")
+        c.hidden = None
+        load_factory(c.model)
+    else:
+        c.hidden = [int(h) for h in c.hidden]
+        if not c.hidden or any(h < 1 for h in c.hidden):
+            raise ConfigError(f"hidden sizes must be positive integers, got {c.hidden}")
     if c.dataset == "omniglot":
-        if len(c.hidden) != 1:
+        if c.hidden is not None and len(c.hidden) != 1:
             raise ConfigError(f"omniglot's Conv4 takes one hidden width (channels), got "
                               f"{','.join(map(str, c.hidden))}")
         if c.shots + c.queries > OMNIGLOT_DRAWERS:
@@ -358,14 +384,85 @@ def _datasets(c: TrainConfig):
     return tuple(out)
 
 
-def _model(c: TrainConfig) -> torch.nn.Module:
+def load_factory(spec: str) -> Callable[..., torch.nn.Module]:
+    """``"package.module:factory"`` -> the callable (``factory`` may be dotted: a class
+    attribute); the module is looked up on ``sys.path``, then in the current directory;
+    raises :class:`ConfigError` saying what is missing."""
+    module_name, sep, attr = str(spec).partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"--model {spec!r}: expected package.module:factory (e.g. "
+                          f"mypkg.nets:make_net)")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # local modules, as `python -m`
+        sys.path.append(os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"--model {spec!r}: cannot import {module_name!r}: {err}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"--model {spec!r}: module {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"--model {spec!r}: {attr!r} is a {type(obj).__name__}, not a "
+                          f"callable returning an nn.Module")
+    return obj
+
+
+def factory_spec(fn: Any) -> str | None:
+    """``"module:qualname"`` when ``fn`` can be imported back by :func:`load_factory`."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or not qualname or "<" in qualname or module == "__main__":
+        return None
+    try:
+        found = load_factory(f"{module}:{qualname}")
+    except ConfigError:
+        return None
+    return f"{module}:{qualname}" if found is fn else None
+
+
+def model_kwargs(c: TrainConfig) -> dict[str, int]:
+    """What a model factory is told: ``ways`` (outputs) and ``in_channels``."""
+    return {"ways": 1 if c.dataset == "sinusoid" else c.ways, "in_channels": 1}
+
+
+def _call_factory(factory: Callable, c: TrainConfig, what: str) -> torch.nn.Module:
+    kwargs = model_kwargs(c)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = None
+    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    model = factory(**kwargs)
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"{what} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _model(c: TrainConfig, given: torch.nn.Module | Callable | None = None
+           ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model on the run's device and dtype, its record for the checkpoint)."""
     from .models import MLP, Conv4
 
-    if c.dataset == "sinusoid":
+    if isinstance(given, torch.nn.Module):
+        model = given
+        record = {"factory": None, "class": f"{type(given).__module__}."
+                                            f"{type(given).__qualname__}"}
+    elif given is not None:
+        model = _call_factory(given, c, "model factory")
+        record = {"factory": factory_spec(given), "class": f"{type(model).__module__}."
+                                                           f"{type(model).__qualname__}"}
+    elif c.model is not None:
+        model = _call_factory(load_factory(c.model), c, f"--model {c.model}")
+        record = {"factory": c.model, "class": f"{type(model).__module__}."
+                                               f"{type(model).__qualname__}"}
+    elif c.dataset == "sinusoid":
         model = MLP(in_features=1, out_features=1, hidden=tuple(c.hidden))
+        record = {"factory": None, "class": "meta.models.MLP"}
     else:
         model = Conv4(in_channels=1, out_features=c.ways, hidden=c.hidden[0])
-    return model.to(device=torch.device(c.device), dtype=getattr(torch, c.dtype))
+        record = {"factory": None, "class": "meta.models.Conv4"}
+    return model.to(device=torch.device(c.device), dtype=getattr(torch, c.dtype)), record
 
 
 def _learner(c: TrainConfig, model: torch.nn.Module):
@@ -507,6 +604,12 @@ class Progress:
             text += f" | acc {sum(accs) / len(accs):.3f}"
         return text + f" | {rate:.1f} it/s | eta {_clock(eta)}"
 
+    def extend(self, history: list[tuple[float, float]]) -> None:
+        """Prefill the running window with earlier (loss, accuracy) pairs (a resumed run)."""
+        for loss, acc in history[-(self.losses.maxlen or len(history)):]:
+            self.losses.append(loss)
+            self.accs.append(acc)
+
     def update(self, iteration: int, loss: float, accuracy: float) -> None:
         self.losses.append(loss)
         self.accs.append(accuracy)
@@ -637,9 +740,16 @@ def _merge_resume(config: TrainConfig, out: Path) -> tuple[TrainConfig, dict]:
     return merged, ckpt
 
 
-def train(config: TrainConfig, *, resume: bool = False, stream: TextIO | None = None
+def train(config: TrainConfig, *, resume: bool = False, stream: TextIO | None = None,
+          model: torch.nn.Module | Callable[..., torch.nn.Module] | None = None
           ) -> dict[str, Any]:
     """Meta-train, validate, test; write the run directory; return the results dict.
+
+    ``model``: your own ``nn.Module`` (trained in place; moved to the run's device and dtype)
+    or a factory called with ``ways`` / ``in_channels`` (those it accepts; see the module
+    docstring); default ``config.model`` or the built-in MLP (sinusoid) / Conv4 (Omniglot).
+    A run trained with a model instance is resumed by passing the model again; one trained
+    with an importable factory is rebuilt from the factory the checkpoint records.
 
     ``resume=True`` continues the run in ``config.out`` from its checkpoint (fields set in
     ``config`` must match the saved ones except :data:`RESUME_OVERRIDABLE`). Setup problems
@@ -653,7 +763,25 @@ def train(config: TrainConfig, *, resume: bool = False, stream: TextIO | None = 
         if config.out is None:
             raise ConfigError("--resume needs --out DIR (the run directory to continue)")
         config, ckpt = _merge_resume(config, Path(config.out))
+        saved = ckpt.get("model_record") or {}
+        if model is None and config.model is None and saved.get("factory"):
+            model = load_factory(saved["factory"])  # a factory given as model=...
+        elif model is None and config.model is None and saved.get("class") and \
+                not str(saved["class"]).startswith("meta.models."):
+            raise ConfigError(f"the run in {config.out} was trained with a model instance "
+                              f"({saved['class']}) that the checkpoint cannot rebuild: pass "
+                              f"model=... again to resume it")
+    if model is not None and config.model is not None:
+        raise ConfigError(f"give either model=... or config.model ({config.model!r}), not "
+                          f"both")
+    if model is not None and not isinstance(model, torch.nn.Module) and not callable(model):
+        raise ConfigError(f"model must be an nn.Module or a factory returning one, got "
+                          f"{type(model).__name__}")
+    if model is not None and config.hidden is not None:
+        raise ConfigError("hidden applies to the built-in models (MLP, Conv4), not to model=")
     c = resolve(config)
+    if model is not None:
+        c.hidden = None
     out = Path(c.out) if c.out is not None else _default_out(c)
     if not resume and (out / CHECKPOINT).exists():
         raise ConfigError(f"{out} already holds a run ({CHECKPOINT}); pass --resume to "
@@ -670,7 +798,7 @@ def train(config: TrainConfig, *, resume: bool = False, stream: TextIO | None = 
             torch.set_num_threads(c.threads)
         train_data, val_data, test_data = _datasets(c)
         _seed_everything(c.seed)
-        model = _model(c)
+        model, record = _model(c, model)
         learner = _learner(c, model)
         optimizer = torch.optim.Adam(model.parameters(), lr=c.meta_lr)
         if ckpt is not None:
@@ -683,8 +811,10 @@ def train(config: TrainConfig, *, resume: bool = False, stream: TextIO | None = 
             _set_rng_state(ckpt["rng"])
         out.mkdir(parents=True, exist_ok=True)
         c.out = str(out)
-        return _Run(c, out, model, learner, optimizer, (train_data, val_data, test_data),
-                    start, ckpt, stream).run()
+        run = _Run(c, out, model, learner, optimizer, (train_data, val_data, test_data),
+                   start, ckpt, stream)
+        run.model_record = record
+        return run.run()
     finally:
         torch.set_num_threads(old_threads)
 
@@ -707,8 +837,17 @@ class _Run:
     def now(self) -> float:
         return self.elapsed0 + (time.perf_counter() - self.t0)
 
+    def evaluate(self, data, num_tasks: int) -> tuple[float, float]:
+        """``learner.evaluate`` with the model in eval mode (dropout off), mode restored."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            return self.learner.evaluate(data.batches(0), num_tasks=num_tasks)
+        finally:
+            self.model.train(was)
+
     def validate(self, iteration: int) -> None:
-        mean, ci = self.learner.evaluate(self.val_data.batches(0), num_tasks=self.c.val_tasks)
+        mean, ci = self.evaluate(self.val_data, self.c.val_tasks)
         loss, acc = (mean, math.nan) if self.regression else (math.nan, mean)
         self.metrics.add(iteration, "val", loss, acc, ci, self.now())
         what = "mse" if self.regression else "accuracy"
@@ -719,7 +858,8 @@ class _Run:
         self.metrics.flush()
         save_checkpoint(self.out / CHECKPOINT, model=self.model, optimizer=self.optimizer,
                         iteration=iteration, config=self.c, elapsed=self.now(),
-                        extra={"segments": self._segments(iteration)})
+                        extra={"segments": self._segments(iteration),
+                               "model_record": self.model_record})
 
     def _segments(self, iteration: int) -> list[list[int]]:
         """The [first, last] iterations run by each process (resumes start new ones)."""
@@ -742,6 +882,9 @@ class _Run:
                                  bar=False if c.progress is False else None, every=every,
                                  stream=self.stream,
                                  loss_name="mse" if self.regression else "loss")
+        # a resumed run continues the running train loss/accuracy of the last iterations
+        self.progress.extend([(r["loss"], r["accuracy"]) for r in self.metrics.rows
+                              if r["split"] == "train"])
         self.progress.write(self.describe())
         handler = None
         if threading.current_thread() is threading.main_thread():
@@ -786,8 +929,13 @@ class _Run:
         c = self.c
         task = (f"{c.shots}-shot sinusoid regression" if self.regression
                 else f"Omniglot {c.ways}-way {c.shots}-shot, {c.queries} queries")
-        model = (f"MLP {'-'.join(map(str, c.hidden))}" if self.regression
-                 else f"Conv4 {c.hidden[0]}")
+        if c.hidden is None:
+            n = sum(p.numel() for p in self.model.parameters())
+            model = (f"{self.model_record.get('factory') or self.model_record['class']} "
+                     f"({type(self.model).__name__}, {n} parameters)")
+        else:
+            model = (f"MLP {'-'.join(map(str, c.hidden))}" if self.regression
+                     else f"Conv4 {c.hidden[0]}")
         head = f"resuming at iteration {self.start}: " if self.start else ""
         return (f"{head}{c.algorithm} on {task}, meta-batch {c.meta_batch}, {model}, "
                 f"inner lr {c.inner_lr} x {c.inner_steps} (test {self.learner.eval_inner_lr} x "
@@ -818,7 +966,7 @@ class _Run:
     def test(self, train_time: float) -> dict[str, Any]:
         c = self.c
         t = time.perf_counter()
-        mean, ci = self.learner.evaluate(self.test_data.batches(0), num_tasks=c.test_tasks)
+        mean, ci = self.evaluate(self.test_data, c.test_tasks)
         test_time = time.perf_counter() - t
         loss, acc = (mean, math.nan) if self.regression else (math.nan, mean)
         self.metrics.add(c.iterations, "test", loss, acc, ci, self.now())
@@ -836,7 +984,7 @@ class _Run:
             "iterations": c.iterations,
             "train_time_s": round(train_time, 3), "test_time_s": round(test_time, 3),
             "segments": self._segments(c.iterations),
-            "estimator": self._estimator(), "device": c.device,
+            "estimator": self._estimator(), "model": self.model_record, "device": c.device,
             "device_name": (torch.cuda.get_device_name(torch.device(c.device))
                             if c.device.startswith("cuda") else platform.processor() or
                             platform.machine()),

@@ -13,16 +13,55 @@ optimiser performs the outer step::
         out = learner.meta_step(batch)      # {"loss": query loss, "accuracy": query accuracy}
         opt.step()
 
-Conventions shared by every learner
------------------------------------
+Conventions shared by every learner (the policies for a user's own ``nn.Module``)
+-------------------------------------------------------------------------------------
 - Functional parameters: the model's parameters are read (detached) at every call, the inner
-  loop runs on dicts ``{name: tensor}`` through ``torch.func.functional_call``; the model object
-  itself is never modified by a learner.
-- Batch norm: with :class:`meta.Conv4` every forward (support, query, meta-test) normalises with
-  the statistics of its own batch, as the MAML official code does (transductive); there are no
-  running statistics, so ``model.train()``/``model.eval()`` never changes a result. A user model
-  with running-stat BN would see its buffers as constants (``functional_call`` does not write
-  them back).
+  loop runs on dicts ``{name: tensor}`` through ``torch.func.functional_call``
+  (:class:`~meta.algorithms.functional_model.FunctionalModel`); a learner never changes the
+  model: no parameter, buffer or train/eval mode is written, in training or in
+  :meth:`MetaLearner.evaluate` (tested on ``state_dict()`` before/after).
+- Batch norm: transductive batch statistics EVERYWHERE, as the MAML official code (and most
+  learn2learn/higher users) do. Every forward (support, query, accuracy, meta-test)
+  normalises with the statistics of its own batch, in ``train()`` and ``eval()`` mode alike.
+  ``torch.nn`` batch-norm layers (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``), with or without
+  ``track_running_stats``, are detected when the learner is built and called functionally
+  with their running buffers replaced by ``None``: ``running_mean``/``running_var``/
+  ``num_batches_tracked`` are never read nor updated (they keep their initial values; to use
+  the adapted model outside the learner call :meth:`MetaLearner.predict`, not
+  ``model.eval()(x)``). Why: a task's support set is the only labelled data the meta-test
+  adaptation may use, running statistics mix tasks (and meta-test tasks) that should be
+  independent, and they cannot be carried through ``vmap`` (each task would write the same
+  buffer) nor through the meta-gradient. Under ``vmap``/``jvp`` the normalisation runs on
+  plain ops, exact in every composition (the fused kernel's batching rule is wrong for
+  ``grad(vmap(...))``, pytorch/functorch#534). ``InstanceNorm(track_running_stats=True)``
+  is refused.
+  :class:`meta.Conv4` uses :class:`meta.BatchNorm`, the same function without buffers.
+- Other modules follow the model's mode as the user set it: ``model.train()`` = dropout
+  active, ``model.eval()`` = dropout off (``meta-train`` evaluates in eval mode). LayerNorm,
+  GroupNorm and any module without running state need nothing.
+- Randomness (dropout) under ``vectorize=True``: ``randomness=`` is passed to
+  ``torch.func.vmap``. ``"different"`` (default): independent draws per task, the
+  distribution of the Python loop (where each task draws in turn), so vmap and loop are the
+  same estimator; the numbers differ (different RNG consumption order). ``"same"``: one draw
+  shared by every task; the loop then replays the RNG state for each task, so loop and vmap
+  give the same numbers (tested bit for bit on CPU). ``"error"``: torch's default, random
+  ops raise under vmap. Loop == vmap to rounding: with ``"same"``, or with dropout off.
+- Frozen parameters (``requires_grad=False``) are constants: neither adapted in the inner
+  loop nor meta-learned (no ``.grad``), as ``loss.backward()`` would treat them.
+- Head-only learners (:class:`meta.ANIL`, :class:`meta.MemoryReducedMAML`): ``head=`` names
+  the adapted submodule, ``backbone=`` how its input is computed (default what the model
+  feeds the head); the split is built once, in :class:`MetaLearner.__init__`
+  (:class:`~meta.algorithms.head_only.HeadSplit`), and checked on the first batch.
+- First batch: labels and the model output are checked against the loss
+  (:mod:`meta.algorithms.checks`): integer labels in [0, ways), output ``[n, ways]`` with
+  ``ways`` the classes of the support sets, a leading task dimension; the errors name the
+  split, the task and the shapes.
+- Estimators: those that ignore the inner start point (``bl.Implicit``, ``bl.HistoryFree``)
+  are refused where the inner loss depends on θ only through w_0 = θ (MAML, FOMAML, ANIL,
+  Sign-/Sharp-MAML): their meta-gradient would be identically zero.
+- Meta-test defaults: ``eval_inner_steps=None`` = max(10, inner_steps) (MAML's official
+  test uses 10 steps), ``eval_inner_lr=None`` = ``inner_lr``; the memory-reduced learner
+  keeps the official 20 x 0.05. ``meta-train`` uses the same rule.
 - Device and dtype: those of the model's first parameter; batches are moved/cast to them
   (integer labels keep their dtype). CPU and CUDA, float32 and float64.
 - Vectorisation: ``vectorize=True`` computes the per-task hypergradients with
@@ -55,18 +94,34 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from torch.utils._pytree import tree_map
 
 import bilevel as bl
 
-from ..models import buffers_of, params_of
+from ..models import params_of
 from ..tasks import TaskBatch
+from .checks import check_batch
+from .functional_model import FunctionalModel
+from .head_only import FEAT_Q, FEAT_S, HeadSplit
 
 Params = dict[str, torch.Tensor]
 Split = tuple[torch.Tensor, torch.Tensor]
 
-__all__ = ["MetaLearner", "cross_entropy", "mse"]
+__all__ = ["MetaLearner", "cross_entropy", "mse", "default_eval_steps", "RANDOMNESS",
+           "DEFAULT_EVAL_STEPS"]
+
+RANDOMNESS = ("different", "same", "error")
+#: the estimators that differentiate the inner steps (apply to every MAML-type problem)
+APPLICABLE = ("unrolled", "truncated:T", "checkpointed", "firstorder", "forwardmode")
+DEFAULT_EVAL_STEPS = 10
+
+
+def default_eval_steps(inner_steps: int) -> int:
+    """Meta-test inner steps when none are given: max(10, inner_steps) (MAML's official
+    code tests with 10 steps; never fewer than the training inner loop). ``meta-train``
+    uses the same rule."""
+    return max(DEFAULT_EVAL_STEPS, inner_steps)
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -112,17 +167,27 @@ class MetaLearner:
     """Base class: a bilevel problem per task, ``bl.hypergrad`` per task, mean into ``.grad``.
 
     Subclasses set :attr:`name` and override :meth:`default_estimator`, and where needed
-    :meth:`meta_names` (which parameters are meta-learned: all by default), :meth:`inner_init`
-    (the lower variable's start: all meta-parameters by default = MAML), :meth:`problem`
-    and :meth:`solver`.
+    :meth:`meta_names` (which parameters are meta-learned: all trainable ones by default),
+    :meth:`inner_init` (the lower variable's start: all meta-parameters by default = MAML),
+    :meth:`problem` and :meth:`solver`. Head-only learners set :attr:`head_only`: the base
+    then builds their :class:`~meta.algorithms.head_only.HeadSplit` from ``head`` /
+    ``backbone`` and runs the backbone once per task (``cache_features``).
     """
 
     name: str = "base"
+    #: the inner loop adapts only the head (ANIL, memory-reduced): ``head=``/``backbone=`` apply
+    head_only: bool = False
+    #: why estimators that ignore the inner start point (bl.Implicit, bl.HistoryFree) give a
+    #: zero meta-gradient here (None: they apply)
+    implicit_refusal: str | None = ("inner (support) loss depends on the meta-parameters "
+                                    "only through the start point w_0 = θ")
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int, *,
                  vectorize: bool | None = None, estimator: bl.Estimator | None = None,
                  loss: str | Callable = "cross_entropy", eval_inner_steps: int | None = None,
-                 eval_inner_lr: float | None = None):
+                 eval_inner_lr: float | None = None, randomness: str = "different",
+                 head: str | None = None, backbone: str | Callable | None = None,
+                 cache_features: bool | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not any(True for _ in model.parameters()):
@@ -135,6 +200,9 @@ class MetaLearner:
             _check_positive(eval_inner_lr, "eval_inner_lr")
         if vectorize not in (None, True, False):
             raise ValueError(f"vectorize must be True, False or None, got {vectorize!r}")
+        if randomness not in RANDOMNESS:
+            raise ValueError(f"randomness must be one of {', '.join(map(repr, RANDOMNESS))} "
+                             f"(torch.func.vmap's), got {randomness!r}")
         if estimator is not None and not isinstance(estimator, bl.Estimator):
             raise TypeError(f"estimator must be a bilevel estimator such as bl.Unrolled() or "
                             f"bl.Checkpointed(), got {type(estimator).__name__}")
@@ -147,25 +215,61 @@ class MetaLearner:
             self.loss_name, self.loss_fn = getattr(loss, "__name__", "custom"), loss
         else:
             raise TypeError(f"loss must be a string or a callable, got {type(loss).__name__}")
+        if cache_features not in (None, True, False):
+            raise ValueError(f"cache_features must be True, False or None, got "
+                             f"{cache_features!r}")
         self.model = model
+        self.fmodel = FunctionalModel(model)
+        self.split: HeadSplit | None = None
+        if self.head_only:
+            self.split = HeadSplit(model, self.fmodel, "head" if head is None else head,
+                                   backbone, learner=type(self).__name__)
+            self.cache_features = cache_features is not False
+        elif head is not None or backbone is not None or cache_features is not None:
+            raise TypeError(f"{type(self).__name__} adapts every parameter: head=, backbone= "
+                            f"and cache_features= apply to the head-only learners (ANIL, "
+                            f"MemoryReducedMAML)")
+        else:
+            self.cache_features = False
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
-        self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        self.eval_inner_steps = (default_eval_steps(inner_steps) if eval_inner_steps is None
+                                 else eval_inner_steps)
         self.eval_inner_lr = inner_lr if eval_inner_lr is None else eval_inner_lr
         self.vectorize = vectorize
+        self.randomness = randomness
         self.estimator = self.default_estimator() if estimator is None else estimator
+        self.check_estimator(self.estimator)
+        self._checked = False
         self._consts: Params = self.constants()
 
     # ------------------------------------------------------------------ configuration hooks
     def default_estimator(self) -> bl.Estimator:
         return bl.Unrolled()
 
+    def check_estimator(self, estimator: bl.Estimator | None) -> None:
+        """Refuse an estimator that cannot give this learner's meta-gradient."""
+        if isinstance(estimator, bl.Implicit) and self.implicit_refusal is not None:
+            raise bl.BilevelError(
+                f"{type(estimator).__name__} differentiates at the inner solution and ignores "
+                f"the start point w_0, but {self.name}'s {self.implicit_refusal}, so the "
+                f"meta-gradient would be identically zero. Estimators that apply to "
+                f"{self.name}: {', '.join(APPLICABLE)} (bl.Unrolled(), bl.Truncated(T), "
+                f"bl.Checkpointed(), bl.FirstOrder(), bl.ForwardMode()); for implicit "
+                f"meta-gradients use imaml (or memoryreduced)")
+
     def meta_names(self) -> list[str]:
-        """Names of the meta-learned parameters (the ones that get ``.grad``)."""
+        """Names of the meta-learned parameters (the ones that get ``.grad``): every parameter
+        with ``requires_grad=True``; frozen ones are constants (neither adapted nor
+        meta-learned)."""
         return [n for n, p in self.model.named_parameters() if p.requires_grad]
 
     def inner_names(self) -> list[str]:
-        """Names of the parameters the inner loop adapts (MAML: all meta-parameters)."""
+        """Names of the parameters the inner loop adapts (MAML: all meta-parameters;
+        head-only learners: the head's)."""
+        if self.split is not None:
+            meta = set(self.meta_names())
+            return [n for n in self.split.head_names if n in meta]
         return self.meta_names()
 
     def inner_init(self, hparams: Params) -> Params:
@@ -184,7 +288,11 @@ class MetaLearner:
         return bl.GradientDescent(self.eval_inner_lr, self.eval_inner_steps)
 
     def problem(self, train: bool = True) -> bl.BilevelProblem:
-        """Inner loss = support loss, outer loss = query loss, w_0 = :meth:`inner_init`."""
+        """Inner loss = support loss, outer loss = query loss, w_0 = :meth:`inner_init`; for a
+        head-only learner with ``cache_features``, the head problem on cached features
+        (:mod:`meta.algorithms.head_only`)."""
+        if self.split is not None and self.cache_features:
+            return self.head_problem()
         return bl.BilevelProblem(self.task_loss, self.task_loss, init=self._init_or_none())
 
     # ------------------------------------------------------------------ functional model
@@ -203,17 +311,24 @@ class MetaLearner:
 
     def constants(self) -> Params:
         """Everything the forward needs that is neither θ nor adapted: other parameters
-        (detached) and buffers."""
+        (detached) and buffers (batch-norm running statistics excluded: module docstring)."""
         meta = set(self.meta_names())
         consts = {n: p for n, p in params_of(self.model).items() if n not in meta}
-        consts.update(buffers_of(self.model))
+        consts.update(self.fmodel.buffers())
         return consts
 
     def forward(self, params: Params, hparams: Params, x: torch.Tensor,
                 constants: Params | None = None) -> torch.Tensor:
         """Model output with adapted ``params`` overriding ``hparams`` overriding constants."""
         consts = self._consts if constants is None else constants
-        return functional_call(self.model, {**consts, **hparams, **params}, (x,))
+        return self.fmodel({**consts, **hparams, **params}, x)
+
+    def predict(self, adapted: Params, x: torch.Tensor) -> torch.Tensor:
+        """The model's output on ``x`` with the parameters :meth:`adapt` returned, under the
+        learner's batch-norm policy (batch statistics; ``functional_call(model, adapted, (x,))``
+        would use the running statistics in eval mode)."""
+        x = x.to(device=self.device, dtype=self.dtype)
+        return self.fmodel({**self.fmodel.buffers(), **adapted}, x)
 
     def task_loss(self, params: Params, hparams: Params, batch: Split) -> torch.Tensor:
         x, y = batch
@@ -227,13 +342,39 @@ class MetaLearner:
             return self.device.type == "cuda"
         return self.vectorize
 
-    def _prepare(self, batch: TaskBatch) -> TaskBatch:
+    def _vmap(self, fn):
+        return vmap(fn, randomness=self.randomness)
+
+    def _tasks(self, n: int):
+        """Task indices of the Python loop; with ``randomness="same"`` every task starts
+        from the same RNG state, as under ``vmap(randomness="same")``."""
+        if self.randomness != "same":
+            yield from range(n)
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        state = torch.random.get_rng_state()
+        cuda = [torch.cuda.get_rng_state(d) for d in devices]
+        for i in range(n):
+            torch.random.set_rng_state(state)
+            for d, s in zip(devices, cuda):
+                torch.cuda.set_rng_state(s, d)
+            yield i
+
+    def _prepare(self, batch: TaskBatch, check: bool = False) -> TaskBatch:
+        """Type, device and dtype; on the learner's first batch (or ``check=True``) the
+        labels and the model output (:func:`meta.algorithms.checks.check_batch`)."""
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"expected a meta.TaskBatch, got {type(batch).__name__}")
-        if batch.support[0].dim() < 2:
-            raise ValueError("meta_step needs a TaskBatch with a leading task dimension "
-                             "(use batch.batched() for a single task)")
-        return batch.to(device=self.device, dtype=self.dtype)
+        batch = batch.to(device=self.device, dtype=self.dtype)
+        if check or not self._checked:
+            self._consts = self.constants()
+            hparams = self.hparams()
+            check_batch(self, batch, hparams)
+            if self.split is not None and self.cache_features:
+                self.split.check({**self._consts, **hparams}, batch.support[0][0],
+                                 self.device)
+            self._checked = True
+        return batch
 
     def _prepare_split(self, split: Split) -> Split:
         x, y = split
@@ -241,13 +382,45 @@ class MetaLearner:
         y = y.to(device=self.device, dtype=self.dtype if y.is_floating_point() else None)
         return x, y
 
+    # ------------------------------------------------------------------ head-only halves
+    def embed(self, hparams: Params, x: torch.Tensor) -> torch.Tensor:
+        """φ_θ(x): the backbone on ``x`` with the meta-parameters ``hparams``."""
+        return self.split.embed({**self._consts, **hparams}, x)
+
+    def head_out(self, params: Params, hparams: Params, feats: torch.Tensor) -> torch.Tensor:
+        """h_w(F): the head with adapted ``params`` overriding ``hparams``."""
+        return self.split.head_out({**self._consts, **hparams, **params}, feats)
+
+    def head_problem(self) -> bl.BilevelProblem:
+        """g = L(h_w(F_s), y_s), f = L(h_w(F_q), y_q); F_s, F_q are hyperparameters."""
+
+        def support_loss(w, h, batch):
+            return self.loss_fn(self.head_out(w, h, h[FEAT_S]), batch[1])
+
+        def query_loss(w, h, batch):
+            return self.loss_fn(self.head_out(w, h, h[FEAT_Q]), batch[1])
+
+        return bl.BilevelProblem(support_loss, query_loss, init=self._init_or_none())
+
     # ------------------------------------------------------------------ meta-gradient
     def task_hypergrad(self, hparams: Params, task: TaskBatch, *, check: bool = True
                        ) -> bl.HypergradResult:
         """``bl.hypergrad`` of one task (no task dim): grads for the meta-parameters."""
-        return bl.hypergrad(self.problem(True), hparams, task.support, task.query,
-                            solver=self.solver(True), estimator=self.estimator,
-                            params0=self.params0(), check=check)
+        if self.split is None or not self.cache_features:
+            return bl.hypergrad(self.problem(True), hparams, task.support, task.query,
+                                solver=self.solver(True), estimator=self.estimator,
+                                params0=self.params0(), check=check)
+        (xs, ys), (xq, yq) = task.support, task.query
+        body, head_hp = self.split.split(hparams)
+        (fs, fq), pull = bl.autodiff.vjp(lambda b: (self.embed(b, xs), self.embed(b, xq)), body)
+        res = bl.hypergrad(self.head_problem(), {**head_hp, FEAT_S: fs, FEAT_Q: fq},
+                           (xs, ys), (xq, yq), solver=self.solver(True),
+                           estimator=self.estimator, params0=self.params0(), check=check)
+        (g_body,) = pull((res.grad[FEAT_S], res.grad[FEAT_Q]))
+        grad = {n: res.grad[n] for n in head_hp}
+        grad.update(g_body)
+        return bl.HypergradResult({n: grad[n] for n in hparams}, res.params, res.outer_loss,
+                                  res.info)
 
     def batch_hypergrad(self, batch: TaskBatch, hparams: Params | None = None
                         ) -> bl.HypergradResult:
@@ -256,11 +429,11 @@ class MetaLearner:
         self._consts = self.constants()
         hparams = self.hparams() if hparams is None else hparams
         if self.use_vmap():
-            res = vmap(lambda task: self.task_hypergrad(hparams, task, check=False))(batch)
+            res = self._vmap(lambda task: self.task_hypergrad(hparams, task, check=False))(batch)
             bl.check_result(res, strict=True, owner=self.estimator)
             return res
         return _stack([self.task_hypergrad(hparams, batch.task(i))
-                       for i in range(batch.num_tasks)])
+                       for i in self._tasks(batch.num_tasks)])
 
     def meta_gradient(self, batch: TaskBatch, hparams: Params | None = None, *,
                       accuracy: bool = False, keep_adapted: bool = False
@@ -288,7 +461,7 @@ class MetaLearner:
                                              res.outer_loss, info)
         total: Params | None = None
         results = []
-        for i in range(batch.num_tasks):
+        for i in self._tasks(batch.num_tasks):
             task = batch.task(i)
             r = self.task_hypergrad(hparams, task)
             if total is None:
@@ -354,20 +527,27 @@ class MetaLearner:
     def _per_task(self, fn, *args):
         """``fn`` over the leading task dim of every arg: vmap or loop, stacked."""
         if self.use_vmap():
-            return vmap(fn)(*args)
+            return self._vmap(fn)(*args)
         n = next(iter(torch.utils._pytree.tree_leaves(args))).shape[0]
-        return _stack([fn(*tree_map(lambda t, i=i: t[i], args)) for i in range(n)])
+        return _stack([fn(*tree_map(lambda t, i=i: t[i], args)) for i in self._tasks(n)])
 
     def _adapt_one(self, hparams: Params, support: Split) -> Params:
         """Meta-test adaptation of one task: the adapted inner variable (not the full dict)."""
+        if self.split is not None and self.cache_features:
+            body, head_hp = self.split.split(hparams)
+            with torch.no_grad():
+                fs = self.embed(body, support[0])
+            return bl.solve(self.head_problem(), {**head_hp, FEAT_S: fs}, support,
+                            solver=self.solver(False), params0=self.params0())
         return bl.solve(self.problem(False), hparams, support, solver=self.solver(False),
                         params0=self.params0())
 
     def adapt(self, support: Split) -> Params:
         """Adapt to one task's support set ``(x, y)`` (no task dim) with the meta-test inner
         loop (``eval_inner_steps``, ``eval_inner_lr``); returns the full functional parameter
-        dict ``{name: tensor}`` with the model's parameter names (detached), usable as
-        ``torch.func.functional_call(model, adapted, (x,))``."""
+        dict ``{name: tensor}`` with the model's parameter names (detached): predictions
+        with :meth:`predict` (``torch.func.functional_call(model, adapted, (x,))`` gives the
+        same for a model without torch batch-norm layers)."""
         support = self._prepare_split(support)
         self._consts = self.constants()
         hparams = self.hparams()
@@ -388,7 +568,7 @@ class MetaLearner:
         scores: list[torch.Tensor] = []
         seen = 0
         for batch in tasks:
-            batch = self._prepare(batch)
+            batch = self._prepare(batch, check=seen == 0)
             take = min(batch.num_tasks, num_tasks - seen)
             if take < batch.num_tasks:
                 batch = TaskBatch(tree_map(lambda t, k=take: t[:k], batch.support),

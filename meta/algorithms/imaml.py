@@ -72,12 +72,14 @@ class IMAML(MetaLearner):
     """
 
     name = "imaml"
+    implicit_refusal = None  # the proximal term makes the inner solution depend on θ
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 16, *,
                  reg: float = 2.0, cg_iters: int = 5, official: bool = False,
                  cg_damping: float = 1.0, vectorize: bool | None = None,
                  estimator: bl.Estimator | None = None, loss: str | Callable = "cross_entropy",
-                 eval_inner_steps: int | None = None, eval_inner_lr: float | None = None):
+                 eval_inner_steps: int | None = None, eval_inner_lr: float | None = None,
+                 randomness: str = "different"):
         if not isinstance(reg, (int, float)) or not reg > 0:
             raise ValueError(f"reg must be a positive number, got {reg!r}")
         if not isinstance(cg_iters, int) or cg_iters < 0:
@@ -90,7 +92,8 @@ class IMAML(MetaLearner):
         self.reg, self.cg_iters, self.official = float(reg), cg_iters, bool(official)
         self.cg_damping = float(cg_damping)
         super().__init__(model, inner_lr, inner_steps, vectorize=vectorize, estimator=estimator,
-                         loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr)
+                         loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr,
+                         randomness=randomness)
 
     def default_estimator(self) -> bl.Estimator:
         stationarity = None if self.official else 0.1  # the official φ is not a stationary point

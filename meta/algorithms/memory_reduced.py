@@ -9,18 +9,18 @@ from torch import nn
 
 import bilevel as bl
 
-from ..models import split_params
 from .base import MetaLearner, Params
-from .head_only import HeadOnlyMixin
 
 
-class MemoryReducedMAML(HeadOnlyMixin, MetaLearner):
+class MemoryReducedMAML(MetaLearner):
     """Backbone = upper variable, linear head = lower variable; history-free hypergradient.
 
-    Upper variable x = ``features.*`` (the only parameters that ever get ``.grad``: give the
-    optimiser the backbone, e.g. ``Adam(model.features.parameters())``; an optimiser over all
-    parameters also works, as Adam/SGD skip parameters whose ``.grad`` is None). Lower variable
-    y = the ``head.*`` parameters, started every time from the model's head as initialised
+    Upper variable x = the backbone: every trainable parameter outside the head (the only
+    parameters that ever get ``.grad``: give the optimiser the backbone, e.g.
+    ``Adam(model.features.parameters())``; an optimiser over all parameters also works, as
+    Adam/SGD skip parameters whose ``.grad`` is None). Lower variable
+    y = the head's parameters (``head``: a submodule name, default ``"head"``; ``backbone``
+    as :class:`meta.ANIL`), started every time from the model's head as initialised
     (the official fixed random init: drawn once with the model, stored in it, never updated).
 
     Per task: the backbone features of support and query, computed ONCE (as the official code's
@@ -41,32 +41,39 @@ class MemoryReducedMAML(HeadOnlyMixin, MetaLearner):
     """
 
     name = "memoryreduced"
+    head_only = True
+    implicit_refusal = None  # the head starts from a fixed point: every estimator applies
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 20, *,
-                 cg_iters: int = 20, damping: float = 0.0, vectorize: bool | None = None,
-                 estimator: bl.Estimator | None = None, loss: str | Callable = "cross_entropy",
-                 eval_inner_steps: int | None = 20, eval_inner_lr: float | None = 0.05,
-                 cache_features: bool | None = None):
-        split_params(model)  # fail early without a head
-        self._set_cache(model, cache_features)
+                 cg_iters: int = 20, damping: float = 0.0, head: str = "head",
+                 backbone: str | Callable | None = None, cache_features: bool | None = None,
+                 vectorize: bool | None = None, estimator: bl.Estimator | None = None,
+                 loss: str | Callable = "cross_entropy", eval_inner_steps: int | None = 20,
+                 eval_inner_lr: float | None = 0.05, randomness: str = "different"):
         if not isinstance(cg_iters, int) or cg_iters < 0:
             raise ValueError(f"cg_iters must be a non-negative int, got {cg_iters!r}")
         if not isinstance(damping, (int, float)) or damping < 0:
             raise ValueError(f"damping must be >= 0, got {damping!r}")
         self.cg_iters, self.damping = cg_iters, float(damping)
         super().__init__(model, inner_lr, inner_steps, vectorize=vectorize, estimator=estimator,
-                         loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr)
+                         loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr,
+                         randomness=randomness, head=head, backbone=backbone,
+                         cache_features=cache_features)
 
     def default_estimator(self) -> bl.Estimator:
         return bl.HistoryFree(iters=self.cg_iters, damping=self.damping)
 
     def meta_names(self) -> list[str]:
-        body = split_params(self.model)[0]
-        return [n for n, p in self.model.named_parameters() if n in body and p.requires_grad]
+        head = set(self.split.head_names)
+        return [n for n, p in self.model.named_parameters() if n not in head and p.requires_grad]
+
+    def inner_names(self) -> list[str]:
+        return list(self.split.head_names)
 
     def head_init(self) -> Params:
         """The fixed lower-level start y_0: the model's head parameters (detached)."""
-        return split_params(self.model)[1]
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach() for n in self.split.head_names}
 
     def params0(self) -> Params:
         return self.head_init()

@@ -34,12 +34,14 @@ class Reptile(MetaLearner):
     def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 5, *,
                  vectorize: bool | None = None, estimator: bl.Estimator | None = None,
                  loss: str | Callable = "cross_entropy", eval_inner_steps: int | None = None,
-                 eval_inner_lr: float | None = None):
+                 eval_inner_lr: float | None = None,
+                 randomness: str = "different"):
         if estimator is not None:
             raise ValueError("Reptile is not a hypergradient method: it takes no estimator "
                              "(its .grad is theta - mean adapted params)")
         super().__init__(model, inner_lr, inner_steps, vectorize=vectorize, estimator=None,
-                         loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr)
+                         loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr,
+                         randomness=randomness)
 
     def default_estimator(self) -> None:  # type: ignore[override]
         return None
@@ -55,9 +57,9 @@ class Reptile(MetaLearner):
             return bl.solve(problem, hparams, support, solver=solver)
 
         if self.use_vmap():
-            phis = torch.func.vmap(one)(batch.support)
+            phis = self._vmap(one)(batch.support)
         else:
-            phis = _stack([one(batch.task(i).support) for i in range(batch.num_tasks)])
+            phis = _stack([one(batch.task(i).support) for i in self._tasks(batch.num_tasks)])
         for n, p in phis.items():
             if not bool(torch.isfinite(p).all()):
                 raise FloatingPointError(f"Reptile: the adapted parameter {n!r} holds NaN/inf: "

@@ -29,9 +29,11 @@ class SignMAML(MetaLearner):
     def __init__(self, model: nn.Module, inner_lr: float = 0.0035, inner_steps: int = 5, *,
                  vectorize: bool | None = None, estimator: bl.Estimator | None = None,
                  loss: str | Callable = "cross_entropy", eval_inner_steps: int | None = None,
-                 eval_inner_lr: float | None = None):
+                 eval_inner_lr: float | None = None,
+                 randomness: str = "different"):
         super().__init__(model, inner_lr, inner_steps, vectorize=vectorize, estimator=estimator,
-                         loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr)
+                         loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr,
+                         randomness=randomness)
 
     def default_estimator(self) -> bl.Estimator:
         return bl.FirstOrder()
