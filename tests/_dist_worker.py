@@ -82,6 +82,11 @@ def scenario_grads(rank: int, world: int, out: str) -> None:
             metrics = D.meta_step(learner, local)
             results[(algo, b)] = {"grads": grads_of(model), "metrics": metrics,
                                   "local": 0 if local is None else local.num_tasks}
+    for algo in ("maml", "anil", "sharpmaml"):  # vmapped learners reduce the same way
+        model = make_model()
+        learner = meta.make_learner(algo, model, vectorize=True, **LEARNERS[algo])
+        metrics = D.meta_step(learner, D.shard_batch(global_batch(3, seed=3)))
+        results[("vmap", algo)] = {"grads": grads_of(model), "metrics": metrics}
     # the plain API (learner.meta_step + all_reduce_meta_grad), then an optimiser step
     model = make_model()
     learner = make_learner("maml", model)

@@ -111,6 +111,15 @@ def test_two_ranks_equal_one_process(two_ranks, algo):
         assert all((g0[n] is None and g1[n] is None) or torch.equal(g0[n], g1[n]) for n in g0)
 
 
+@pytest.mark.parametrize("algo", ["maml", "anil", "sharpmaml"])
+def test_vmapped_learners_on_two_ranks_equal_one_looped_process(two_ranks, algo):
+    want_grads, want_metrics = reference(algo, 3)
+    for res in two_ranks:
+        got = res[("vmap", algo)]
+        assert max_rel_diff(got["grads"], want_grads) <= 1e-10  # vmap vs loop: rounding only
+        assert got["metrics"]["loss"] == pytest.approx(want_metrics["loss"], rel=1e-10)
+
+
 def test_memory_reduced_head_gets_no_grad_on_any_rank(two_ranks):
     for rank in range(2):
         grads = two_ranks[rank][("memoryreduced", 1)]["grads"]
