@@ -92,15 +92,23 @@ class Conv4(nn.Module):
     Block: conv 3x3 (``max_pool=False``: stride 2, padding 1, as Finn's Omniglot network;
     ``max_pool=True``: stride 1, padding 1, then 2x2 max-pool, as the MiniImageNet network) →
     :class:`BatchNorm` (if ``batch_norm``) → ReLU. Then the mean over the spatial dims →
-    ``Linear(hidden, out_features)``. 28x28 inputs give 14, 7, 4, 2 (strided); 84x84 with
-    max-pool give 42, 21, 10, 5. Inputs ``[N, C, H, W]``; ``[N, H, W]`` is accepted when
-    ``in_channels == 1``. Parameters: ``features.block{1..4}.{conv,norm}.*`` and ``head.*``.
+    ``Linear(hidden, out_features)``, or with ``flatten=True`` (MAML's MiniImageNet network,
+    needs ``image_size``) the flattened ``hidden·s·s`` map → ``Linear(hidden·s·s, out_features)``
+    (:func:`meta.backbones.maml_conv4`: 84x84, 32 filters → 800 features). 28x28 inputs give
+    14, 7, 4, 2 (strided); 84x84 with max-pool give 42, 21, 10, 5. Inputs ``[N, C, H, W]``;
+    ``[N, H, W]`` is accepted when ``in_channels == 1``. Parameters:
+    ``features.block{1..4}.{conv,norm}.*`` and ``head.*``.
     """
 
     def __init__(self, in_channels: int = 1, out_features: int = 5, hidden: int = 64,
-                 max_pool: bool = False, batch_norm: bool = True):
+                 max_pool: bool = False, batch_norm: bool = True, flatten: bool = False,
+                 image_size: int | tuple[int, int] | None = None):
         super().__init__()
         self.in_channels = in_channels
+        if flatten and image_size is None:
+            raise ValueError("Conv4(flatten=True) needs image_size (the input height/width) "
+                             "to size the head, e.g. image_size=84")
+        size = (image_size, image_size) if isinstance(image_size, int) else image_size
         blocks: OrderedDict[str, nn.Module] = OrderedDict()
         channels = in_channels
         for i in range(1, 5):
@@ -114,9 +122,19 @@ class Conv4(nn.Module):
                 layers["pool"] = nn.MaxPool2d(2)
             blocks[f"block{i}"] = nn.Sequential(layers)
             channels = hidden
-        blocks["pool"] = SpatialMean()
+            if size is not None:  # 3x3 conv, padding 1, then the 2x2 pool or stride 2
+                size = tuple(s // 2 if max_pool else (s - 1) // 2 + 1 for s in size)
+        if flatten:
+            if min(size) < 1:
+                raise ValueError(f"image_size {image_size} is too small for four blocks")
+            blocks["flatten"] = nn.Flatten()
+            features = hidden * size[0] * size[1]
+        else:
+            blocks["pool"] = SpatialMean()
+            features = hidden
         self.features = nn.Sequential(blocks)
-        self.head = nn.Linear(hidden, out_features)
+        self.feature_dim = features
+        self.head = nn.Linear(features, out_features)
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """``[n, H, W]`` grey images get their channel dim (``[n, 1, H, W]``)."""

@@ -13,19 +13,15 @@ import io
 import json
 import os
 import signal
-import struct
 import sys
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import bilevel as bl
 from meta.algorithms import MAML
 from meta.cli import main
-from meta.plot import save_curve, write_png
 from meta.train import Progress, TrainConfig, load_checkpoint, parse_estimator, train
 
 OMNIGLOT = Path(os.environ.get("OMNIGLOT_ROOT")
@@ -287,50 +283,16 @@ def test_estimator_override_reaches_the_learner(tmp_path):
     assert [r["split"] for r in read_rows(out)] == ["train", "train", "test"]
 
 
-def test_curve_without_matplotlib_uses_the_builtin_png_writer(tmp_path, monkeypatch):
+def test_curve_without_matplotlib_warns_naming_the_plot_extra(tmp_path, capsys, monkeypatch):
+    for name in [m for m in sys.modules if m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)  # (an earlier test may have imported them)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     out = tmp_path / "run"
     assert main(tiny(out, 2)) == 0
-    assert json.loads((out / "results.json").read_text())["curve_backend"] == "builtin"
-    width, height, image = decode_png((out / "curve.png").read_bytes())
-    assert (width, height) == (640, 300)
-    assert image.min() < 100 and image.max() == 255  # something was drawn on white
-
-
-def decode_png(data: bytes) -> tuple[int, int, np.ndarray]:
-    """Decode the 8-bit RGB, filter-0 PNGs that :func:`write_png` produces (checking CRCs)."""
-    assert data[:8] == PNG_SIGNATURE
-    pos, idat, header = 8, b"", None
-    while pos < len(data):
-        (length,), tag = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF
-        if tag == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif tag == b"IDAT":
-            idat += body
-        pos += 12 + length
-    width, height, depth, colour = header[:4]
-    assert depth == 8 and colour == 2
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + 3 * width)
-    assert (raw[:, 0] == 0).all()
-    return width, height, raw[:, 1:].reshape(height, width, 3)
-
-
-def test_write_png_round_trip_and_two_panels(tmp_path):
-    img = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
-    write_png(tmp_path / "x.png", img)
-    w, h, back = decode_png((tmp_path / "x.png").read_bytes())
-    assert (w, h) == (5, 7) and np.array_equal(back, img)
-    with pytest.raises(ValueError):
-        write_png(tmp_path / "bad.png", img.astype(np.float32))
-    train_loss = [(i, 2.0 / (1 + i)) for i in range(1, 50)]
-    acc = [(i, min(1.0, 0.2 + i / 50)) for i in range(1, 50)]
-    backend = save_curve(tmp_path / "c.png", train_loss, [(0, 2.0), (25, 0.3)], acc,
-                         [(0, 0.2), (25, 0.7)], backend="builtin")
-    assert backend == "builtin"
-    assert decode_png((tmp_path / "c.png").read_bytes())[:2] == (640, 600)
+    assert json.loads((out / "results.json").read_text())["curve_backend"] is None
+    assert not (out / "curve.png").exists() and (out / "metrics.csv").is_file()
+    captured = capsys.readouterr()
+    assert "bilevel-meta[plot]" in captured.out + captured.err
 
 
 def test_progress_bar_on_a_tty_and_lines_otherwise():
