@@ -17,6 +17,7 @@ from .estimators import (
 from .estimators.base import reset_warnings
 from .hypergrad import check_result, hypergrad, proximal, solve
 from .linsolve import CG, Neumann
+from .modules import ModuleProblem, ModuleSolver, module_problem
 from .problem import BilevelError, BilevelProblem, HypergradResult
 from .solvers import SAM, GradientDescent, InnerSolver, Momentum, SignGD
 
@@ -27,4 +28,5 @@ __all__ = [
     "solve", "GradientDescent", "Momentum", "SignGD", "SAM", "InnerSolver", "CG", "Neumann",
     "Estimator", "Unrolled", "Truncated", "Checkpointed", "Implicit", "ForwardMode", "FirstOrder",
     "HistoryFree", "reset_warnings", "autodiff",
+    "module_problem", "ModuleProblem", "ModuleSolver",
 ]
