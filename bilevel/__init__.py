@@ -4,6 +4,7 @@ min_λ f(w*(λ), λ)  s.t.  w*(λ) ≈ argmin_w g(w, λ); parameters and hyperpa
 """
 
 from . import autodiff
+from .adaptive import Adam, AdamW, RMSprop
 from .estimators import (
     Checkpointed,
     Estimator,
@@ -25,7 +26,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BilevelError", "BilevelProblem", "HypergradResult", "hypergrad", "check_result", "proximal",
-    "solve", "GradientDescent", "Momentum", "SignGD", "SAM", "InnerSolver", "CG", "Neumann",
+    "solve", "GradientDescent", "Momentum", "SignGD", "SAM", "Adam", "AdamW", "RMSprop",
+    "InnerSolver", "CG", "Neumann",
     "Estimator", "Unrolled", "Truncated", "Checkpointed", "Implicit", "ForwardMode", "FirstOrder",
     "HistoryFree", "reset_warnings", "autodiff",
     "module_problem", "ModuleProblem", "ModuleSolver",
