@@ -276,7 +276,7 @@ class ModuleSolver(InnerSolver):
     The solver state is ``base``'s state for the weights alone (Adam moments, momentum)."""
 
     base: InnerSolver
-    module: ModuleProblem
+    module: ModuleProblem = field(repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, InnerSolver) or isinstance(self.base, ModuleSolver):
