@@ -1,10 +1,13 @@
 """``nn.Module`` in, ``nn.Module`` out: a bilevel problem over the weights of a PyTorch model.
 
     mp = bl.module_problem(model, train_loss, val_loss, regularizer=None)
-    res = bl.hypergrad(mp.problem, hparams, (x_tr, y_tr), (x_val, y_val),
-                       solver=mp.solver(bl.GradientDescent(lr=0.1, steps=50)),
-                       params0=mp.params0())
+    res = mp.hypergrad(hparams, (x_tr, y_tr), (x_val, y_val),
+                       solver=bl.Adam(lr=1e-3, steps=50), estimator=bl.Truncated(50))
     mp.write_back(res.params)          # the tuned weights (and running statistics) into model
+
+``mp.hypergrad`` / ``mp.solve`` are :func:`bilevel.hypergrad` / :func:`bilevel.solve` with
+``solver=mp.solver(base)`` and ``params0=mp.params0()`` filled in; with the plain functions pass
+both yourself (a bare solver would leave the running statistics where they started).
 
 The inner and outer losses are
 
@@ -56,7 +59,6 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
-from .linsolve import concrete_bool
 from .problem import BilevelError, BilevelProblem
 from .pytree import PyTree, tree_detach
 from .solvers import InnerSolver
@@ -118,7 +120,6 @@ class ModuleProblem:
     regularizer: Callable[[dict, PyTree], torch.Tensor] | None = None
     outer_mode: str = "eval"
     problem: BilevelProblem = field(init=False)
-    _initial_counts: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_model(self.model)
@@ -143,8 +144,6 @@ class ModuleProblem:
         for k, v in self.model.named_buffers():
             v = v.detach().clone()
             buffers[k] = v if v.is_floating_point() else v.to(dtype)
-        self._initial_counts = {k: v.clone() for k, v in buffers.items()
-                                if k.rsplit(".", 1)[-1] == "num_batches_tracked"}
         return {"params": params, "buffers": buffers}
 
     def write_back(self, params: PyTree, model: nn.Module | None = None) -> nn.Module:
@@ -163,6 +162,31 @@ class ModuleProblem:
     def solver(self, base: InnerSolver) -> ModuleSolver:
         """``base`` applied to the weights, with the buffers updated as in train mode."""
         return ModuleSolver(base, self)
+
+    def hypergrad(self, hparams: PyTree, inner_batch: Any, outer_batch: Any, *,
+                  solver: InnerSolver, params0: PyTree | None = None, **kwargs: Any):
+        """:func:`bilevel.hypergrad` on this problem, with the solver wrapped by :meth:`solver`
+        and ``params0`` defaulting to the module's current weights."""
+        from .hypergrad import hypergrad
+
+        return hypergrad(self.problem, hparams, inner_batch, outer_batch,
+                         solver=self._wrap(solver),
+                         params0=self.params0() if params0 is None else params0, **kwargs)
+
+    def solve(self, hparams: PyTree, inner_batch: Any, *, solver: InnerSolver,
+              params0: PyTree | None = None, **kwargs: Any) -> PyTree:
+        """:func:`bilevel.solve` on this problem (solver wrapped, params0 as in hypergrad)."""
+        from .hypergrad import solve
+
+        return solve(self.problem, hparams, inner_batch, solver=self._wrap(solver),
+                     params0=self.params0() if params0 is None else params0, **kwargs)
+
+    def _wrap(self, solver: InnerSolver) -> ModuleSolver:
+        if isinstance(solver, ModuleSolver):
+            if solver.module is not self:
+                raise BilevelError("this solver was wrapped by another module_problem")
+            return solver
+        return self.solver(solver)
 
     def forward(self, params: PyTree, inputs: Any, train: bool = False) -> torch.Tensor:
         """``model(inputs)`` at ``params`` (train mode: batch statistics, no buffer written)."""
@@ -210,25 +234,7 @@ class ModuleProblem:
     def _outer_loss(self, params, hparams, batch):
         x, y = self._split(batch)
         train = self.outer_mode == "train"
-        if not train:
-            self._check_counts(params)
         return self.val_loss(self.forward(params, x, train=train), y, hparams)
-
-    def _check_counts(self, params) -> None:
-        """Eval-mode outer loss on running statistics no solver step ever updated: the solver
-        was not wrapped by :meth:`solver` (eager only; silent under vmap)."""
-        for k, t0 in self._initial_counts.items():
-            t = params["buffers"].get(k)
-            if t is None or t.shape != t0.shape:
-                continue
-            if concrete_bool((t.detach() == t0).all()) is True:
-                from .estimators.base import warn_once
-
-                warn_once(self, "buffers", f"module_problem: the outer loss reads the running "
-                          f"statistics {k!r}, which no inner step has updated; pass "
-                          f"solver=mp.solver(bl.Adam(...)) so that train-mode buffers follow "
-                          f"the inner loop (or the solver ran 0 steps)")
-                return
 
     # -- buffer update -----------------------------------------------------------------------
     def updated_buffers(self, params: PyTree, batch: Any) -> dict[str, torch.Tensor]:

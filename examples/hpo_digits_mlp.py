@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
     rows = []
     for space in args.space:
         for seed in args.seeds:
-            def record(method, model, runs, seconds, **extra):
+            def record(method, model, runs, seconds, space=space, seed=seed, **extra):
                 rows.append({"space": space, "n_hparams": sum(names(space).values()),
                              "seed": seed, "method": method, "test_acc": accuracy(model, test),
                              "val_loss": val_loss(model, val), "inner_steps": runs * STEPS,

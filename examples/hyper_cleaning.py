@@ -55,7 +55,8 @@ def load(seed: int):
     n = len(train[1])
     corrupted = torch.randperm(n, generator=g)[: int(CORRUPT * n)]
     noisy = train[1].clone()
-    noisy[corrupted] = (noisy[corrupted] + torch.randint(1, 10, (len(corrupted),), generator=g)) % 10
+    shift = torch.randint(1, 10, (len(corrupted),), generator=g)  # never the true class
+    noisy[corrupted] = (noisy[corrupted] + shift) % 10
     clean = torch.ones(n, dtype=torch.bool)
     clean[corrupted] = False
     return (train[0], noisy), val, test, clean
@@ -80,7 +81,8 @@ PROBLEM = bl.BilevelProblem(inner_loss, outer_loss)
 
 
 def zeros():
-    return {"W": torch.zeros(64, 10, dtype=torch.float64), "b": torch.zeros(10, dtype=torch.float64)}
+    return {"W": torch.zeros(64, 10, dtype=torch.float64),
+            "b": torch.zeros(10, dtype=torch.float64)}
 
 
 def accuracy(w, data) -> float:
@@ -134,7 +136,7 @@ def main(argv=None) -> dict:
         train, val, test, clean = load(seed)
         n = len(clean)
 
-        def record(method, weights, **extra):
+        def record(method, weights, seed=seed, train=train, test=test, clean=clean, **extra):
             row = {"seed": seed, "method": method, "test_acc": fit_weighted(weights, train, test),
                    **extra}
             if extra.get("auc") is None and method not in ("unweighted", "oracle"):

@@ -185,9 +185,16 @@ def test_refusals():
         mp.forward({"params": {}, "buffers": {}}, VAL[0])
 
 
-def test_unwrapped_solver_warns():
-    bl.reset_warnings()
-    mp = bl.module_problem(convnet(), train_loss, val_loss)
-    with pytest.warns(RuntimeWarning, match="mp.solver"):
-        bl.hypergrad(mp.problem, HP, BATCHES[0], VAL,
-                     solver=bl.GradientDescent(lr=0.1, steps=1), params0=mp.params0())
+def test_convenience_wrappers_equal_the_plain_calls():
+    mp = bl.module_problem(convnet(), train_loss, val_loss, regularizer=reg)
+    base = bl.GradientDescent(lr=0.1, steps=2)
+    a = mp.hypergrad(HP, BATCHES[0], VAL, solver=base)
+    b = bl.hypergrad(mp.problem, HP, BATCHES[0], VAL, solver=mp.solver(base),
+                     params0=mp.params0())
+    torch.testing.assert_close(a.grad["wd"], b.grad["wd"], rtol=0, atol=0)
+    w = mp.solve(HP, BATCHES[0], solver=base)
+    torch.testing.assert_close(w["buffers"]["1.running_mean"],
+                               b.params["buffers"]["1.running_mean"])
+    other = bl.module_problem(convnet(), train_loss, val_loss)
+    with pytest.raises(bl.BilevelError, match="another"):
+        mp.hypergrad(HP, BATCHES[0], VAL, solver=other.solver(base))
