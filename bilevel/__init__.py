@@ -4,6 +4,8 @@ min_λ f(w*(λ), λ)  s.t.  w*(λ) ≈ argmin_w g(w, λ); parameters and hyperpa
 """
 
 from . import autodiff
+from .data import Minibatches, PerStep
+from .diagnostics import reset_warnings
 from .estimators import (
     Checkpointed,
     Estimator,
@@ -14,8 +16,7 @@ from .estimators import (
     Truncated,
     Unrolled,
 )
-from .estimators.base import reset_warnings
-from .hypergrad import check_result, hypergrad, proximal, solve
+from .hypergrad import accumulate_grad, check_result, hypergrad, proximal, solve
 from .linsolve import CG, Neumann
 from .problem import BilevelError, BilevelProblem, HypergradResult
 from .solvers import SAM, GradientDescent, InnerSolver, Momentum, SignGD
@@ -26,5 +27,5 @@ __all__ = [
     "BilevelError", "BilevelProblem", "HypergradResult", "hypergrad", "check_result", "proximal",
     "solve", "GradientDescent", "Momentum", "SignGD", "SAM", "InnerSolver", "CG", "Neumann",
     "Estimator", "Unrolled", "Truncated", "Checkpointed", "Implicit", "ForwardMode", "FirstOrder",
-    "HistoryFree", "reset_warnings", "autodiff",
+    "HistoryFree", "reset_warnings", "autodiff", "PerStep", "Minibatches", "accumulate_grad",
 ]
