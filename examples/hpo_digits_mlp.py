@@ -17,13 +17,13 @@ Adam update on one minibatch):
 - default: lr 1e-3, no decay, one run (S steps);
 - random search and Optuna TPE: N trials of S steps each (selection by validation loss);
 - hypergradient (online): N − 1 tuning runs; in each, a fresh MLP is trained for S steps by
-  ``bl.Online`` (K = 10 warm-started Adam steps per hyper-step, ``bl.Unrolled`` through them,
+  ``bl.Online`` (K = 30 warm-started Adam steps per hyper-step, ``bl.Unrolled`` through them,
   Adam on η with lr 0.05), η carried over from run to run; then one final S-step run with the
   final η (plain torch.optim). N runs in all, like the searches.
 The searches are then run again with the wall time the hypergradient took (same wall time).
 Baselines use plain ``torch.optim.Adam`` on the same minibatch stream (``bl.Minibatches``).
 
-    python examples/hpo_digits_mlp.py [--seeds 0 1 2] [--budget 20] [--space small large]
+    python examples/hpo_digits_mlp.py [--seeds 0 1 2] [--budget 16] [--space small large]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from torch import nn
 
 import bilevel as bl
 
-STEPS, BATCH, K = 300, 64, 10
+STEPS, BATCH, K = 300, 64, 30
 RANGES = {"lr": (math.log(1e-4), math.log(3e-2)), "wd": (math.log(1e-6), math.log(1e-1))}
 LAYERS = ["0.weight", "2.weight", "4.weight"]
 CE = nn.functional.cross_entropy
@@ -160,11 +161,11 @@ def tpe(space, train, val, seed, trials=None, seconds=None):
     return models[study.best_trial.number], len(study.trials), time.perf_counter() - t0
 
 
-def hypergradient(space, train, val, seed, runs):
+def hypergradient(space, train, val, seed, runs, K=K, hyper_lr=0.05):
     """``runs − 1`` online tuning runs of S steps (η carried over), then one final run."""
     t0 = time.perf_counter()
     h = {k: v.clone().requires_grad_() for k, v in default_hparams(space).items()}
-    hopt = torch.optim.Adam(h.values(), lr=0.05)
+    hopt = torch.optim.Adam(h.values(), lr=hyper_lr)
     solver = bl.Adam(lr=lambda hp: hp["lr"][0].exp(), steps=K)
     trace = []
     for run in range(runs - 1):
@@ -177,8 +178,8 @@ def hypergradient(space, train, val, seed, runs):
             res = tuner.step(stream, val)
             hopt.step()
         trace.append({"run": run, "val_loss": float(res.outer_loss),
-                      "lr": float(h["lr"].exp()),
-                      "wd_median": float(torch.cat([h[k] for k in h if k != "lr"]).exp()
+                      "lr": float(h["lr"].detach().exp()),
+                      "wd_median": float(torch.cat([h[k].detach() for k in h if k != "lr"]).exp()
                                          .median())})
     model = train_plain({k: v.detach() for k, v in h.items()}, train, seed)
     return model, runs, time.perf_counter() - t0, trace, {k: v.detach().tolist()
@@ -188,7 +189,7 @@ def hypergradient(space, train, val, seed, runs):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--budget", type=int, default=20, help="training runs of S steps each")
+    ap.add_argument("--budget", type=int, default=16, help="training runs of S steps each")
     ap.add_argument("--space", nargs="+", default=["small", "large"])
     ap.add_argument("--out", default="examples/results/hpo_digits_mlp.json")
     args = ap.parse_args(argv)
@@ -222,7 +223,8 @@ def main(argv=None) -> dict:
             record("TPE, same time", model, runs, s)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python examples/hpo_digits_mlp.py " + " ".join(argv or []),
+    cmd = " ".join(sys.argv[1:] if argv is None else argv)
+    meta = {"command": f"python examples/hpo_digits_mlp.py {cmd}".strip(),
             "device": "shared 2-core CPU, 1 thread", "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__, "steps_per_run": STEPS, "batch_size": BATCH,
             "online_K": K, "budget_runs": args.budget}

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -99,7 +100,9 @@ def tune(variant: str, train, val, hyper_steps: int, hyper_lr: float):
     logit = torch.zeros(len(train[1]), dtype=torch.float64, requires_grad=True)
     hparams = {"logit": logit}
     opt = torch.optim.Adam([logit], lr=hyper_lr)
-    implicit = bl.Implicit(bl.CG(iters=30), stationarity_rtol=None)
+    # a relative CG residual of ~1e-2 (rho = 1e-3: an ill-conditioned Hessian) still gives a
+    # good descent direction for lambda: warn only above 5e-2
+    implicit = bl.Implicit(bl.CG(iters=30, warn_rtol=5e-2), stationarity_rtol=None)
     if variant == "from scratch":
         step = lambda: bl.hypergrad(PROBLEM, {"logit": logit.detach()}, train, val,  # noqa: E731
                                     solver=SOLVER_SCRATCH, estimator=implicit,
@@ -155,7 +158,8 @@ def main(argv=None) -> dict:
                    kept_clean=float((w[clean] > 0.5).double().mean()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python examples/hyper_cleaning.py " + " ".join(argv or []),
+    cmd = " ".join(sys.argv[1:] if argv is None else argv)
+    meta = {"command": f"python examples/hyper_cleaning.py {cmd}".strip(),
             "device": "shared 2-core CPU, 1 thread", "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__, "corruption": CORRUPT, "hyper_steps": args.hyper_steps}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
