@@ -195,15 +195,23 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     train, val, test = load()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = " ".join(sys.argv[1:] if argv is None else argv)
+    meta = {"command": f"python examples/hpo_digits_mlp.py {cmd}".strip(),
+            "device": "shared 2-core CPU, 1 thread", "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "steps_per_run": STEPS, "batch_size": BATCH,
+            "online_K": K, "budget_runs": args.budget}
     rows = []
-    for space in args.space:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: a cut-short run still has every space
+        for space in args.space:
             def record(method, model, runs, seconds, space=space, seed=seed, **extra):
                 rows.append({"space": space, "n_hparams": sum(names(space).values()),
                              "seed": seed, "method": method, "test_acc": accuracy(model, test),
                              "val_loss": val_loss(model, val), "inner_steps": runs * STEPS,
                              "seconds": seconds, **extra})
                 r = rows[-1]
+                out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # so far
                 print(f"{space:<6}{seed:>3}  {method:<26}test acc {r['test_acc']:.4f}  val loss "
                       f"{r['val_loss']:.4f}  steps {r['inner_steps']:>6}  {seconds:6.1f}s",
                       flush=True)
@@ -221,13 +229,6 @@ def main(argv=None) -> dict:
             record("random search, same time", model, runs, s)
             model, runs, s = tpe(space, train, val, seed, seconds=secs)
             record("TPE, same time", model, runs, s)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = " ".join(sys.argv[1:] if argv is None else argv)
-    meta = {"command": f"python examples/hpo_digits_mlp.py {cmd}".strip(),
-            "device": "shared 2-core CPU, 1 thread", "date": time.strftime("%Y-%m-%d"),
-            "torch": torch.__version__, "steps_per_run": STEPS, "batch_size": BATCH,
-            "online_K": K, "budget_runs": args.budget}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     summary = summarise(rows)
     out.with_suffix(".md").write_text(summary)

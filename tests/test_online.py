@@ -162,6 +162,7 @@ def test_resumed_tuner_equals_uninterrupted(estimator):
     assert_tree_close(h2, h_full, rtol=0, atol=0)
     assert_tree_close(resumed.params, full.params, rtol=0, atol=0)
     assert_tree_close(resumed.state["exp_avg"], full.state["exp_avg"], rtol=0, atol=0)
+    assert float(full.state["step"]) == float(resumed.state["step"]) == 18  # state carried
 
 
 def test_implicit_linear_system_is_warm_started():
