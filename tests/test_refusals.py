@@ -159,3 +159,16 @@ def test_proximal_refuses_other_keys_with_the_same_leaf_count():
     with pytest.raises(bl.BilevelError, match=r"proximal: params\['b'\] has shape \(1,\), "
                                               r"center\['b'\] has \(3,\)"):
         shape(params, {"ca": torch.ones(3, dtype=DT)}, None)
+
+
+def test_the_check_is_cached_per_problem_not_per_estimator():
+    prob, w0 = ridge()
+    est = bl.Implicit(bl.CG(5))
+    for _ in range(2):
+        bl.hypergrad(prob, hp(), solver=bl.GradientDescent(0.2, 50), params0=w0, estimator=est)
+    with pytest.raises(bl.BilevelError, match=r"hparams\['lr'\]"):  # new hparams structure
+        bl.hypergrad(prob, hp(lr=0.2), solver=bl.GradientDescent("lr", 50), params0=w0,
+                     estimator=est)
+    other = bl.BilevelProblem(lambda w, h, b: (w * w).sum(), prob.outer_loss)  # new problem
+    with pytest.raises(bl.BilevelError, match=r"hparams\['decay'\]"):
+        bl.hypergrad(other, hp(), solver=bl.GradientDescent(0.2, 50), params0=w0, estimator=est)
