@@ -61,8 +61,8 @@ def warn(owner: object, kind: str, message: str, category=RuntimeWarning,
     n = _COUNTS.get(key, 0) + 1
     _COUNTS[key] = n
     if str(n).strip("0") == "1":  # 1, 10, 100, ...
-        warnings.warn(f"{message} [{kind}: occurrence {n} for {key[0]}; shown at occurrences "
-                      f"1, 10, 100, ...]", category, stacklevel=stacklevel)
+        warnings.warn(f"{message} [{kind}: occurrence {n} for this {type(owner).__name__}; "
+                      f"shown at occurrences 1, 10, 100, ...]", category, stacklevel=stacklevel)
 
 
 def reset_warnings() -> None:
@@ -132,7 +132,7 @@ def message(kind: str, info: dict[str, torch.Tensor]) -> str:
     raise KeyError(kind)
 
 
-def warn_flags(result, owner: object, stacklevel: int = 4) -> None:
+def warn_flags(result, owner: object, stacklevel: int = 5) -> None:
     """Warn once per occurrence rule for every kind flagged (concretely) in ``result``."""
     found = {**flags(result), **{k: v for k, v in result.info.items()
                                  if k.startswith("warnings/")}}

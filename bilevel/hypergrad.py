@@ -35,7 +35,8 @@ def hypergrad(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None,
     ``outer_batch`` is evaluated at k = 0 (advance it between calls with ``.shifted(1)``).
     ``state0`` starts the solver from a given state s_0 (default ``solver.init_state(w_0, λ)``),
     e.g. ``res.state`` of the previous call to warm-start momentum; it is a constant (no
-    derivative flows into it). ``res.state`` is the final solver state, detached.
+    derivative flows into it). ``res.state`` is the final solver state, detached (under a
+    transform, Python numbers in it come back as tensors).
 
     At the top level (no ``torch.func`` transform active) the computation runs on detached
     copies of ``hparams`` and everything returned is detached: hyperparameters that require
@@ -69,8 +70,11 @@ def hypergrad(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None,
     result.info.update(flags(result))
     if top:
         result = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, result)
+    else:  # vmap returns tensors only: a Python step counter in the state becomes a tensor
+        result.state = tree_map(
+            lambda x: torch.tensor(x) if isinstance(x, (bool, int, float)) else x, result.state)
     if check:
-        check_result(result, strict=False, owner=estimator)
+        _check_result(result, False, estimator)
     return result
 
 
@@ -122,6 +126,12 @@ def check_result(result: HypergradResult, strict: bool = True, owner: object = N
     ``owner`` (the estimator) warnings are rate-limited per owner and kind (occurrences 1, 10,
     100, ... are shown); without one every warning is shown.
     """
+    _check_result(result, strict, owner)
+
+
+def _check_result(result: HypergradResult, strict: bool, owner: object) -> None:
+    """:func:`check_result`; called directly by the public functions (warnings point at their
+    caller)."""
     trace = result.info.get("inner_loss")
     if trace is not None and trace.numel():
         finite = torch.isfinite(trace)

@@ -48,6 +48,23 @@ class Implicit(Estimator):
     On plain autograd the one graph of ∇_w g(w_K, λ) also serves the mixed term. Some torch ops
     (e.g. ``F.mse_loss`` on torch 2.13) fail forward-over-reverse with "ZeroTensors are
     immutable"; ``"forward"`` then falls back to ``"reverse"`` and says so once.
+
+    ``system_batch``: the batch b of the linear system H(b) v = ∇_w f and of the mixed term
+    ∇²_λw g(w_K, λ; b) when the inner data is a :class:`bilevel.PerStep` stream:
+
+    - ``"last"`` (default): b = b_{K−1}, the last inner batch. Free (no new data) and the
+      batch w_K was last fitted to, but H is one minibatch's Hessian: a noisy, biased estimate
+      of the full one (v = H(b)⁻¹∇f is biased even if H(b) is unbiased).
+    - a fixed batch (any batch object, e.g. the whole training set): deterministic and, for
+      the full set, the exact IFT hypergradient at w_K; the cost of every product grows with it.
+    - ``"fresh"``: product j uses b_{K+j} = ``inner_batch.at(K + j)``, the mixed term b_{K−1}.
+      Stochastic Neumann (Lorraine et al. 2020): each term of α Σ (I − αH)^j ∇f sees an
+      independent batch, so the series is an unbiased estimate of its deterministic value with
+      one minibatch per product. With CG it is NOT sound (conjugacy assumes one fixed H):
+      prefer Neumann, or CG on a fixed large batch.
+    The stream has no effect when ``inner_batch`` is a plain batch (then ``"last"`` is it, and
+    ``"fresh"`` is refused). A hyperparameter leaf that neither g nor f reads (the solver's
+    learning rate or momentum) is refused before any work: its implicit hypergradient is 0.
     """
 
     linsolve: CG | Neumann = field(default_factory=CG)

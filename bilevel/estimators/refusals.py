@@ -68,9 +68,31 @@ def _names(paths: list[str]) -> str:
     return ", ".join(f"hparams{p}" for p in paths)
 
 
+def _seen(est: object, key: tuple) -> bool:
+    """True if ``est`` already checked this (problem, hparams structure); else remember it.
+    The key holds the loss functions themselves (not their ids), so it cannot be reused."""
+    checked = est.__dict__.setdefault("_checked_reads", [])
+    if key in checked:
+        return True
+    if len(checked) >= 16:
+        checked.clear()
+    checked.append(key)
+    return False
+
+
+def _key(problem, hparams: PyTree, *extra) -> tuple:
+    return (problem.inner_loss, problem.outer_loss, problem.init,
+            tuple((p, tuple(x.shape)) for p, x in tree_paths(hparams)), _transform_active(),
+            *extra)
+
+
 def refuse_unread(est: object, problem, hparams: PyTree, w0: PyTree, inner_batch: Any,
                   outer_batch: Any) -> None:
-    """Implicit/HistoryFree: every leaf must be read by g or f (evaluated at w_0, detached)."""
+    """Implicit/HistoryFree: every leaf must be read by g or f (evaluated at w_0, detached).
+    Checked once per estimator and (problem, hparams structure)."""
+    key = _key(problem, hparams)
+    if key in est.__dict__.get("_checked_reads", []):
+        return
     w0 = tree_detach(w0)
 
     def losses(h):
@@ -87,6 +109,7 @@ def refuse_unread(est: object, problem, hparams: PyTree, w0: PyTree, inner_batch
             f"for such a leaf. Differentiate the solver's steps instead: bl.Unrolled(), "
             f"bl.Truncated(T) or bl.ForwardMode() (few hyperparameters); for MAML-type problems "
             f"add a proximal term (bl.proximal)")
+    _seen(est, key)
 
 
 def refuse_first_order(est: object, problem, solver, hparams: PyTree, params0: PyTree | None,
@@ -94,6 +117,9 @@ def refuse_first_order(est: object, problem, solver, hparams: PyTree, params0: P
     """FirstOrder: every leaf must be read by f or by init (ĝ is 0 for the others)."""
     if solver.steps == 0:
         return  # w_K = w_0: the first-order hypergradient is exact
+    key = _key(problem, hparams, params0 is None)
+    if key in est.__dict__.get("_checked_reads", []):
+        return
 
     def reads(h):
         w = problem.start(h, params0) if problem.init is not None else tree_detach(params0)
@@ -110,3 +136,4 @@ def refuse_first_order(est: object, problem, solver, hparams: PyTree, params0: P
             f"its first-order hypergradient ∇_λf + (∂w_0/∂λ)ᵀ∇_w f is exactly 0 (dw_K/dλ is "
             f"dropped). Use bl.Unrolled(), bl.Truncated(T) or bl.ForwardMode(), or "
             f"bl.Implicit() if the inner loss reads it")
+    _seen(est, key)
