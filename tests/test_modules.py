@@ -198,3 +198,23 @@ def test_convenience_wrappers_equal_the_plain_calls():
     other = bl.module_problem(convnet(), train_loss, val_loss)
     with pytest.raises(bl.BilevelError, match="another"):
         mp.hypergrad(HP, BATCHES[0], VAL, solver=other.solver(base))
+
+
+def test_vmap_over_inner_batches_updates_batched_buffers():
+    """vmap over problems with different data: the running statistics come back batched, each
+    equal to its own unbatched run (no in-place write to a captured buffer)."""
+    model = convnet()
+    mp = bl.module_problem(model, train_loss, val_loss, regularizer=reg)
+    solver = mp.solver(bl.GradientDescent(lr=0.1, steps=2))
+    xs = torch.stack([BATCHES[0][0], BATCHES[1][0]])
+    ys = torch.stack([BATCHES[0][1], BATCHES[1][1]])
+
+    def one(x, y):
+        res = bl.hypergrad(mp.problem, HP, (x, y), VAL, solver=solver, params0=mp.params0())
+        return res.grad["wd"], res.params["buffers"]["4.running_var"]
+
+    g, rv = torch.func.vmap(one)(xs, ys)
+    for i in range(2):
+        gi, rvi = one(xs[i], ys[i])
+        torch.testing.assert_close(g[i], gi, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rv[i], rvi, rtol=1e-12, atol=1e-13)
