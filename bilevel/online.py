@@ -45,7 +45,7 @@ from .data import PerStep
 from .estimators import Estimator, HistoryFree, Implicit, Unrolled
 from .hypergrad import accumulate_grad, hypergrad
 from .linsolve import CG
-from .modules import ModuleProblem, ModuleSolver
+from .modules import ModuleProblem
 from .problem import BilevelError, BilevelProblem, HypergradResult, check_floating
 from .pytree import PyTree, tree_detach, tree_paths, tree_structure
 from .solvers import InnerSolver
@@ -92,8 +92,8 @@ class Online:
         if self.module is not None:
             problem = self.module.problem
             params0 = self.module.params0() if params0 is None else params0
-            if isinstance(solver, InnerSolver) and not isinstance(solver, ModuleSolver):
-                solver = self.module.solver(solver)
+            if isinstance(solver, InnerSolver):
+                solver = self.module._wrap(solver)  # buffers follow the inner loop
         if not isinstance(problem, BilevelProblem):
             raise BilevelError(f"bl.Online needs a bl.BilevelProblem or bl.module_problem(...), "
                                f"got {type(problem).__name__}")
