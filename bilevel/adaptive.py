@@ -9,11 +9,12 @@ With g = ∇_w g(w, λ, batch_k), t = k + 1, all operations elementwise:
                     d = g / (√v̄ + ε);  w ← w − lr·d   (momentum μ: b ← μb + d, w ← w − lr·b)
 
 These are the update rules of ``torch.optim.Adam`` / ``AdamW`` / ``RMSprop`` (bias correction
-as there; amsgrad, maximize and NAdam-type variants are not provided) and give the same
-iterates in float64 to rounding. Every coefficient (lr, β₁, β₂, ε, wd, α, μ) may be a number or a
-hyperparameter: a key of ``hparams``, a callable ``hparams -> tensor`` or a per-parameter pytree
-with the structure of ``params`` (see :func:`bilevel.solvers.resolve`). A tuned β or α must stay in
-[0, 1): parametrise it, e.g. ``betas=(lambda h: torch.sigmoid(h["b1_logit"]), 0.999)``.
+and amsgrad as there; ``maximize`` and NAdam/RAdam-type variants are not provided) and give
+the same iterates in float64 to rounding. Every coefficient (lr, β₁, β₂, ε, wd, α, μ) may be a
+number or a hyperparameter: a key of ``hparams``, a callable ``hparams -> tensor`` or a
+per-parameter pytree with the structure of ``params`` (see :func:`bilevel.solvers.resolve`). A
+tuned β or α must stay in [0, 1): parametrise it, e.g.
+``betas=(lambda h: torch.sigmoid(h["b1_logit"]), 0.999)``.
 
 **The square root at 0.** d√v/dv = 1/(2√v) is infinite at v = 0, which is where a gradient
 coordinate has been exactly 0 for the whole run (an unused weight, a dead ReLU, a zero input
@@ -23,19 +24,24 @@ torchopt#26). Here every root is :func:`safe_sqrt`,
     safe_sqrt(x) = where(x > 0, √where(x > 0, x, 1), 0),
 
 the "double where": its value is √x exactly (so the iterates equal torch.optim's), and its
-derivative is 1/(2√x) for x > 0 and 0 at x = 0, to every order. Consequence: at v = 0 the
-derivative of the step is that of the one-sided limit where the coordinate stays untouched
-(m = 0 there too, so the step is 0), which is the exact derivative when the coordinate's
-gradient is 0 for all λ near the current one, and the symmetric (central-difference) value
-when it is 0 only at this λ. Optionally ``eps_root`` > 0 (TorchOpt's convention) puts a
-constant inside the root, √(v̂ + eps_root) with v̂ = v/(1−β₂ᵗ) (RMSprop: √(v̄ + eps_root)); this
-changes the iterates, so it defaults to 0.
+derivative is 1/(2√x) for x > 0 and 0 at x = 0, to every order. Consequence: v = 0 means every
+gradient so far was 0 in that coordinate, hence m = 0 too (β₂ > 0), and the step
+m/(√v̂ + ε) with ε > 0 is differentiable there (the term ∂/∂√v is multiplied by m = 0): the
+safe root gives its EXACT first derivative, both when the gradient coordinate is 0 for every λ
+(derivative 0) and when it is 0 only at this λ (derivative m'/ε). The second derivative does not
+exist at such a point (√v ~ |δ| along a perturbation δ) and the safe root returns the mean of
+its one-sided values, the central-difference limit. (With β₂ = 0 and β₁ > 0, v = g² can be 0
+with m ≠ 0; the first derivative is then that mean as well.) Optionally ``eps_root`` > 0
+(TorchOpt's convention) puts a constant inside the root, √(v̂ + eps_root) with v̂ = v/(1−β₂ᵗ)
+(RMSprop: √(v̄ + eps_root)): smooth everywhere, but it changes the iterates, so it defaults
+to 0.
 
-**The state** is a dict of floating tensors, ``{"step", "exp_avg", "exp_avg_sq"}`` for Adam
-(``{"step", "square_avg"[, "grad_avg"][, "momentum_buffer"]}`` for RMSprop): a pytree that
+**The state** is a dict of floating tensors: ``{"step", "exp_avg", "exp_avg_sq"}`` for Adam
+(plus ``"max_exp_avg_sq"`` with amsgrad), ``{"step", "square_avg"[, "grad_avg"]
+[, "momentum_buffer"]}`` for RMSprop, the names of torch.optim's state: a pytree that
 reverse mode can build zero cotangents for, ``vmap`` can batch and a warm-started run can pass
-back in, continuing exactly where it stopped. ``step`` (the number of steps taken, t − 1 before
-the update) is a 0-d float64 tensor (float32 on MPS) that carries no derivative.
+back in, continuing exactly where it stopped. ``step`` (the number of steps taken so far) is a
+0-d float64 tensor (float32 on MPS) that carries no derivative.
 """
 
 from __future__ import annotations
@@ -59,8 +65,7 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     The inner ``where`` keeps the square root away from 0, so neither its value nor any of its
     derivatives is infinite; the outer ``where`` puts the exact value 0 back."""
     positive = x > 0
-    root = torch.sqrt(torch.where(positive, x, torch.ones_like(x)))
-    return torch.where(positive, root, torch.zeros_like(x))
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, 1.0)), 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +182,9 @@ class Adam(InnerSolver):
         g ← ∇g + wd·w;  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
         w ← w − lr/(1−β₁ᵗ) · m / (safe_sqrt(v)/√(1−β₂ᵗ) + ε)
 
-    (with ``eps_root`` > 0 the denominator is √(v/(1−β₂ᵗ) + eps_root) + ε, as TorchOpt).
+    ``amsgrad=True``: v is replaced in the denominator by v_max ← max(v_max, v) (Reddi et al.
+    2018, as torch; at a tie ``torch.maximum`` splits the derivative in halves).
+    With ``eps_root`` > 0 the denominator is √(v/(1−β₂ᵗ) + eps_root) + ε, as TorchOpt.
     ``lr``, each of ``betas``, ``eps`` and ``weight_decay`` may be a number, a key of hparams, a
     callable hparams -> tensor or a per-parameter pytree. See the module docstring for the
     derivative at v = 0."""
@@ -187,10 +194,10 @@ class Adam(InnerSolver):
     betas: tuple[Rate, Rate] = (0.9, 0.999)
     eps: Rate = 1e-8
     weight_decay: Rate = 0.0
+    amsgrad: bool = False
     eps_root: float = 0.0
 
     decoupled: ClassVar[bool] = False
-    _keys: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -203,15 +210,24 @@ class Adam(InnerSolver):
         _check_coefficient(self.betas[1], "betas[1] (beta2)", 0.0, 1.0)
         _check_eps(self.eps, self.eps_root)
         _check_coefficient(self.weight_decay, "weight_decay", 0.0)
+        if not isinstance(self.amsgrad, bool):
+            raise BilevelError(f"{name}(amsgrad=...) must be a bool, got {self.amsgrad!r}")
+
+    @property
+    def _keys(self) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.amsgrad else ())
 
     def init_state(self, params: PyTree, hparams: PyTree) -> dict[str, Any]:
         zeros = tree_detach(params)
-        return {"step": _counter_like(params),
-                "exp_avg": _zeros(zeros), "exp_avg_sq": _zeros(zeros)}
+        state = {"step": _counter_like(params)}
+        state.update({key: _zeros(zeros) for key in self._keys})
+        return state
 
     def update(self, grads: PyTree, params: PyTree, state: dict[str, Any], hparams: PyTree):
         name = type(self).__name__
-        step, (ms, vs) = _unpack_state(state, self._keys, params, name)
+        keys = self._keys
+        step, buffers = _unpack_state(state, keys, params, name)
+        old = dict(zip(keys, buffers, strict=True))
         leaves, spec = tree_flatten(params)
         gs = tree_leaves(grads)
         lrs = _per_leaf(self.lr, "lr", hparams, params)
@@ -220,28 +236,31 @@ class Adam(InnerSolver):
         epss = _per_leaf(self.eps, "eps", hparams, params)
         wds = _per_leaf(self.weight_decay, "weight_decay", hparams, params)
         t = step.detach() + 1  # a counter: no derivative flows through it
-        new_p, new_m, new_v = [], [], []
-        for p, g, m, v, lr, b1, b2, eps, wd in zip(leaves, gs, ms, vs, lrs, b1s, b2s, epss, wds,
-                                                   strict=True):
+        out: dict[str, list] = {key: [] for key in ("params", *keys)}
+        for i, p in enumerate(leaves):
+            g, lr, b1, b2, eps, wd = gs[i], lrs[i], b1s[i], b2s[i], epss[i], wds[i]
             if not _is_zero(wd):
                 if self.decoupled:
                     p = p * (1 - lr * wd)
                 else:
                     g = g + wd * p
-            m = b1 * m + (1 - b1) * g
-            v = b2 * v + (1 - b2) * g * g
+            m = b1 * old["exp_avg"][i] + (1 - b1) * g
+            v = b2 * old["exp_avg_sq"][i] + (1 - b2) * g * g
+            out["exp_avg"].append(m)
+            out["exp_avg_sq"].append(v)
+            if self.amsgrad:
+                v = torch.maximum(old["max_exp_avg_sq"][i], v)
+                out["max_exp_avg_sq"].append(v)
             bc1 = _cast(1 - b1 ** t, p)
             bc2 = _cast(1 - b2 ** t, p)
             if self.eps_root:
                 denom = _root(v / bc2, self.eps_root) + eps
             else:
                 denom = safe_sqrt(v) / torch.sqrt(bc2) + eps
-            new_p.append(p - (lr / bc1) * (m / denom))
-            new_m.append(m)
-            new_v.append(v)
-        new_state = {"step": t, "exp_avg": tree_unflatten(new_m, spec),
-                     "exp_avg_sq": tree_unflatten(new_v, spec)}
-        return tree_unflatten(new_p, spec), new_state
+            out["params"].append(p - (lr / bc1) * (m / denom))
+        new_state = {"step": t}
+        new_state.update({key: tree_unflatten(out[key], spec) for key in keys})
+        return tree_unflatten(out["params"], spec), new_state
 
 
 @dataclass(frozen=True)
