@@ -5,8 +5,8 @@
 An MLP 64-32-10 (float32, synthetic data of digits' shape: 1,000 x 64, 10 classes) trained by
 K momentum steps; hyperparameters: per-layer log weight decays. For each estimator, the median
 time of one hypergradient with ONE fixed batch of 64 vs a ``bl.Minibatches`` stream of batch
-64 (same arithmetic, plus the indexing); and for Implicit the first call (which runs the
-structural check) vs later calls (cached).
+64 (same arithmetic, plus the indexing), run alternately; and for Implicit the first call
+(which runs the structural check) vs later calls (cached).
 """
 
 from __future__ import annotations
@@ -38,13 +38,19 @@ def problem():
 
 
 def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    out = []
+    return timed_pair(fn, fn, repeats)[0]
+
+
+def timed_pair(a, b, repeats: int) -> tuple[float, float]:
+    """Median times of ``a`` and ``b``, run alternately (a shared machine's load hits both)."""
+    a(), b()  # warm-up
+    ta, tb = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+        for fn, out in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def main(argv=None) -> None:
@@ -65,10 +71,11 @@ def main(argv=None) -> None:
     fixed = stream.at(0)
     print(f"torch {torch.__version__}, 1 thread, K={K}, median of {args.repeats}")
     for est in (bl.Unrolled(), bl.Checkpointed(), bl.Truncated(10), bl.ForwardMode()):
-        t_fixed = timed(lambda est=est: bl.hypergrad(prob, h, fixed, val, solver=solver,
-                                                     estimator=est, params0=w0), args.repeats)
-        t_stream = timed(lambda est=est: bl.hypergrad(prob, h, stream, val, solver=solver,
-                                                      estimator=est, params0=w0), args.repeats)
+        t_fixed, t_stream = timed_pair(
+            lambda est=est: bl.hypergrad(prob, h, fixed, val, solver=solver, estimator=est,
+                                         params0=w0),
+            lambda est=est: bl.hypergrad(prob, h, stream, val, solver=solver, estimator=est,
+                                         params0=w0), args.repeats)
         print(f"{type(est).__name__:13s} fixed {1e3 * t_fixed:8.1f} ms  stream "
               f"{1e3 * t_stream:8.1f} ms  ratio {t_stream / t_fixed:.3f}")
     first = []
