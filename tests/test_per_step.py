@@ -187,7 +187,7 @@ def test_fresh_needs_a_stream(setup):
     with pytest.raises(bl.BilevelError, match="system_batch='fresh'.*bl.PerStep"):
         bl.hypergrad(PROBLEM, hparams(False), data()[:2], val,
                      solver=bl.GradientDescent(0.3, 5), params0=w0,
-                     estimator=bl.Implicit(system_batch="fresh"))
+                     estimator=bl.Implicit(bl.Neumann(5, 0.1), system_batch="fresh"))
     with pytest.raises(bl.BilevelError, match="system_batch=...\\) got a bl.PerStep"):
         bl.Implicit(system_batch=bl.PerStep(lambda k: k))
 

@@ -235,3 +235,31 @@ def test_flags_under_vmap_count_the_problems():
     assert int(res.info["warnings/neumann_diverging"].sum()) == 2
     _, seen = record(lambda: bl.check_result(res))
     assert len(seen) == 1 and seen[0].startswith("the Neumann series diverges")
+
+
+def test_fresh_batches_with_cg_warn():
+    X = torch.randn(16, 3, dtype=DT)
+    stream = bl.Minibatches(X, torch.zeros(16, dtype=DT), batch_size=4)
+    prob = bl.BilevelProblem(lambda w, h, b: ((b[0] @ w - 1) ** 2).mean() + h["d"] * (w @ w),
+                             lambda w, h, b: (w ** 2).sum())
+    est = bl.Implicit(bl.CG(3), system_batch="fresh", stationarity_rtol=None)
+    _, seen = record(lambda: bl.hypergrad(prob, {"d": torch.tensor(0.1, dtype=DT)}, stream,
+                                          params0=torch.zeros(3, dtype=DT), estimator=est,
+                                          solver=bl.GradientDescent(0.1, 20)))
+    assert seen[0] == ("Implicit(system_batch='fresh') with CG: every Hessian-vector product "
+                       "sees another minibatch, which breaks CG's conjugacy (it assumes one "
+                       "fixed matrix); use bl.Neumann(...) for stochastic products, or CG on a "
+                       "fixed batch (system_batch=batch)" + suffix("fresh_cg", est))
+
+
+def test_stationarity_on_a_stream_compares_the_same_batch():
+    """‖∇g(w_0; b)‖ and ‖∇g(w_K; b)‖ on the system batch b (here the last inner batch)."""
+    prob, data, L = ridge()
+    stream = bl.Minibatches(*data, batch_size=8, seed=4)
+    res = bl.hypergrad(prob, H, stream, None, params0=W0, solver=bl.GradientDescent(0.3 / L, 30),
+                       estimator=bl.Implicit(bl.CG(3)))
+    b = stream.at(29)
+    for w, key in ((W0, "inner_grad_norm0"), (res.params, "inner_grad_norm")):
+        w = w.clone().requires_grad_(True)
+        g = torch.autograd.grad(prob.inner_loss(w, H, b), w)[0]
+        torch.testing.assert_close(res.info[key], g.norm(), rtol=1e-13, atol=0)

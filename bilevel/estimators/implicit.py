@@ -36,7 +36,8 @@ from .refusals import refuse_unread
 class Implicit(Estimator):
     """Implicit differentiation at w_K with a matrix-free linear solver.
 
-    ``stationarity_rtol``: warn (once) when ‖∇_w g(w_K)‖ > rtol·‖∇_w g(w_0)‖, i.e. the inner
+    ``stationarity_rtol``: warn when ‖∇_w g(w_K; b)‖ > rtol·‖∇_w g(w_0; b)‖ (b: the system batch,
+    below), i.e. the inner
     solver did not reach a stationary point and the implicit function theorem does not apply
     (``None`` turns the check off; the norms are always in ``info``).
     ``hvp``: ``"reverse"`` (vjp of grad: one gradient graph kept and reused by every product),
@@ -82,6 +83,12 @@ class Implicit(Estimator):
         _check_system_batch(self)
 
     def validate(self, problem, solver, hparams):
+        if isinstance(self.system_batch, str) and self.system_batch == "fresh" and \
+                isinstance(self.linsolve, CG):
+            warn_once(self, "fresh_cg", f"{type(self).__name__}(system_batch='fresh') with CG: "
+                      f"every Hessian-vector product sees another minibatch, which breaks CG's "
+                      f"conjugacy (it assumes one fixed matrix); use bl.Neumann(...) for "
+                      f"stochastic products, or CG on a fixed batch (system_batch=batch)")
         base = solver.base if isinstance(solver, SAM) else solver
         if isinstance(base, SignGD):
             warn_once(self, "sign", "Implicit with a signSGD inner solver: signSGD does not "
@@ -97,9 +104,12 @@ class Implicit(Estimator):
         carry = tree_detach(start_carry(problem, solver, const, params0, state0))
         refuse_unread(self, problem, hparams, carry[0], inner_batch, outer_batch)
         norm0: list = []
+        # ‖∇g(w_0)‖ from the solver's first step when that is the system's batch; otherwise
+        # at_solution evaluates it on the system batch (the same function at w_0 and w_K)
+        reuse = not isinstance(inner_batch, PerStep) and isinstance(self.system_batch, str)
         (w_K, s_K), losses = run(problem, solver, const, inner_batch, carry, solver.steps,
                                  first_grad_norm=norm0 if self.stationarity_rtol is not None
-                                 else None)
+                                 and reuse else None)
         w_K = tree_detach(w_K)
         return self.at_solution(problem, hparams, w_K, inner_batch, outer_batch,
                                 losses=losses, w_0=carry[0], grad_norm0=(norm0 or [None])[0],
@@ -145,8 +155,7 @@ class Implicit(Estimator):
         if grad_norm0 is not None:
             info["inner_grad_norm0"] = grad_norm0
         elif w_0 is not None and self.stationarity_rtol is not None:
-            info["inner_grad_norm0"] = tree_norm(inner_grad(w_0, const, batch_at(inner_batch,
-                                                                                  0)))
+            info["inner_grad_norm0"] = tree_norm(inner_grad(w_0, const, fixed))
         info.update({f"linsolve_{k}": t for k, t in solve_info.items()})
         self._warn(problem, info, mixed)
         return HypergradResult(grads, w_K, f.detach(), info, state)
