@@ -53,7 +53,15 @@ from typing import Any, ClassVar
 import torch
 
 from .problem import BilevelError
-from .pytree import PyTree, tree_detach, tree_flatten, tree_leaves, tree_structure, tree_unflatten
+from .pytree import (
+    PyTree,
+    tree_detach,
+    tree_flatten,
+    tree_leaves,
+    tree_paths,
+    tree_structure,
+    tree_unflatten,
+)
 from .solvers import InnerSolver, Rate, _check_steps, resolve
 
 __all__ = ["Adam", "AdamW", "RMSprop", "safe_sqrt"]
@@ -95,11 +103,15 @@ def _check_coefficient(value: Any, name: str, low: float, high: float = math.inf
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point():
             raise BilevelError(f"{name} is a {value.dtype} tensor: use a floating tensor")
-        if value.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(value):
+        if value.requires_grad or _is_wrapped(value):
             return  # a live hyperparameter: its value is not ours to police at construction
         x = value.detach()
         ok = ((x > low) if low_open else (x >= low)) & ((x < high) if high_open else (x <= high))
-        if not bool(ok.all()):
+        try:
+            fine = bool(ok.all())
+        except RuntimeError:  # not a concrete value (inside a transform)
+            return
+        if not fine:
             raise BilevelError(f"{name} must lie in {interval}, got {value.tolist()}")
         return
     if not _is_number(value):
@@ -109,6 +121,12 @@ def _check_coefficient(value: Any, name: str, low: float, high: float = math.inf
     above = value >= high if high_open else value > high
     if below or above or math.isnan(value):
         raise BilevelError(f"{name} must lie in {interval}, got {value!r}")
+
+
+def _is_wrapped(x: torch.Tensor) -> bool:
+    """True for a tensor seen through a torch.func transform (its value is not concrete)."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check(x)) if check is not None else False
 
 
 def _is_zero(value: Any) -> bool:
@@ -122,9 +140,10 @@ def _per_leaf(value: Any, name: str, hparams: PyTree, params: PyTree) -> list[An
     n = len(tree_leaves(params))
     if isinstance(value, (dict, list, tuple)):
         if tree_structure(value) != tree_structure(params):
-            raise BilevelError(f"{name} is a per-parameter pytree with structure "
-                               f"{tree_structure(value)}, but params has structure "
-                               f"{tree_structure(params)}")
+            raise BilevelError(f"{name} is a per-parameter pytree with leaves "
+                               f"{[p for p, _ in tree_paths(value)]}, but params has leaves "
+                               f"{[p for p, _ in tree_paths(params)]}: give one value per "
+                               f"parameter leaf, or one number for all")
         return tree_leaves(value)
     return [value] * n
 
@@ -153,9 +172,10 @@ def _unpack_state(state: Any, keys: tuple[str, ...], params: PyTree, solver: str
     out = []
     for key in keys:
         if tree_structure(state[key]) != spec:
-            raise BilevelError(f"{solver} state[{key!r}] has structure "
-                               f"{tree_structure(state[key])}, but params has structure {spec}: "
-                               f"the saved state belongs to another model")
+            raise BilevelError(f"{solver} state[{key!r}] has leaves "
+                               f"{[p for p, _ in tree_paths(state[key])]}, but params has leaves "
+                               f"{[p for p, _ in tree_paths(params)]}: the saved state belongs "
+                               f"to another model")
         out.append(tree_leaves(state[key]))
     return step, out
 

@@ -540,7 +540,7 @@ def test_bad_hyperparameter_key_and_pytree_are_refused():
     args = (PROBLEM, hp(decay=0.1), make_data(0), make_data(5))
     with pytest.raises(bl.BilevelError, match="'b1'"):
         bl.hypergrad(*args, solver=bl.Adam(0.1, 2, betas=("b1", 0.999)), params0=make_params())
-    with pytest.raises(bl.BilevelError, match="lr is a per-parameter pytree"):
+    with pytest.raises(bl.BilevelError, match=r"lr is a per-parameter pytree with leaves \["):
         bl.hypergrad(*args, solver=bl.Adam({"W": 0.1}, 2), params0=make_params())
 
 
@@ -551,7 +551,7 @@ def test_warm_start_with_a_foreign_state_is_refused():
     with pytest.raises(bl.BilevelError, match="Adam state must be a dict with keys"):
         bl.Adam(0.1, 1).step(grad_fn, params, rms_state, hp(decay=0.1), make_data(0))
     other = bl.Adam(0.1, 1).init_state({"W": params["W"]}, {})
-    with pytest.raises(bl.BilevelError, match=r"state\['exp_avg'\] has structure"):
+    with pytest.raises(bl.BilevelError, match=r"state\['exp_avg'\] has leaves"):
         bl.Adam(0.1, 1).step(grad_fn, params, other, hp(decay=0.1), make_data(0))
     momentum_state = bl.RMSprop(0.1, 1, momentum=0.9).init_state(params, {})
     with pytest.raises(bl.BilevelError, match="momentum_buffer"):
