@@ -69,8 +69,10 @@ def hand_adam_run(w, m, v, t, h, batches, b1=0.8, b2=0.9, eps=1e-8):
     return w, m, v, t
 
 
-def hand_online(n, K, stream_at, outer_at):
-    """n hyper-steps; each: K Adam steps from the detached (w, m, v, t), grad, outer Adam."""
+def hand_online(n, K, stream_at, outer_at, tracked=None):
+    """n hyper-steps; each: K Adam steps from the detached (w, m, v, t), grad, outer Adam
+    (``tracked`` = T: the first K − T of the K steps run with constant hyperparameters)."""
+    T = K if tracked is None else tracked
     h = fresh_hparams()
     hopt = torch.optim.Adam(h.values(), lr=0.1)
     w = {k: v.clone() for k, v in W0.items()}
@@ -81,7 +83,14 @@ def hand_online(n, K, stream_at, outer_at):
         w = {k: x.detach().requires_grad_() for k, x in w.items()}
         m = {k: x.detach() for k, x in m.items()}
         v = {k: x.detach() for k, x in v.items()}
-        w, m, v, t = hand_adam_run(w, m, v, t, h, [stream_at(it * K + k) for k in range(K)])
+        batches = [stream_at(it * K + k) for k in range(K)]
+        if T < K:  # untracked prefix: hyperparameters as constants, then cut the graph
+            const = {k: x.detach() for k, x in h.items()}
+            w, m, v, t = hand_adam_run(w, m, v, t, const, batches[:K - T])
+            w = {k: x.detach().requires_grad_() for k, x in w.items()}
+            m = {k: x.detach() for k, x in m.items()}
+            v = {k: x.detach() for k, x in v.items()}
+        w, m, v, t = hand_adam_run(w, m, v, t, h, batches[K - T:])
         hopt.zero_grad()
         f = outer(w, h, outer_at(it))
         f.backward()
@@ -108,7 +117,7 @@ def assert_tree_close(a, b, rtol=1e-10, atol=1e-12):
 
 @pytest.mark.parametrize("stream", ["perstep", "minibatches"])
 @pytest.mark.parametrize("estimator", [bl.Unrolled(), bl.Checkpointed(segments=2),
-                                       bl.ForwardMode()])
+                                       bl.ForwardMode(), bl.Truncated(2)])
 def test_online_equals_hand_written_warm_started_loop(stream, estimator):
     n, K = 5, 3  # 15 inner steps: across epoch boundaries of the stream
     if stream == "perstep":
@@ -117,7 +126,8 @@ def test_online_equals_hand_written_warm_started_loop(stream, estimator):
         inner_batch = bl.Minibatches(X, Y, batch_size=5, seed=3)  # 5 batches/epoch, last of 4
         at = inner_batch.at
     outer_batch = bl.PerStep(lambda t: (XV[t % 3::3], YV[t % 3::3]))  # one per hyper-step
-    ref_h, ref_w, ref_m, ref_v, ref_t = hand_online(n, K, at, outer_batch.at)
+    tracked = estimator.steps if isinstance(estimator, bl.Truncated) else None
+    ref_h, ref_w, ref_m, ref_v, ref_t = hand_online(n, K, at, outer_batch.at, tracked)
     tuner, h, _, res = run_tuner(n, K, inner_batch, outer_batch, estimator)
     assert_tree_close(h, ref_h)
     assert_tree_close(tuner.params, ref_w)
