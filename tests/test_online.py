@@ -268,3 +268,18 @@ def test_refusals():
         tuner.load_state_dict({**sd, "params": {"w": W0["w"]}})
     with pytest.raises(bl.BilevelError, match="state_dict"):
         tuner.load_state_dict({"params": W0})
+
+
+def test_module_online_refuses_a_solver_only_lr_under_implicit():
+    ce = nn.functional.cross_entropy
+    mp = bl.module_problem(convnet(), lambda o, y, h: ce(o, y), lambda o, y, h: ce(o, y),
+                           regularizer=lambda p, h: h["wd"].exp() * p["4.weight"].pow(2).sum())
+    h = {"wd": torch.tensor(-2.0, dtype=DT, requires_grad=True),
+         "lr": torch.tensor(-3.0, dtype=DT, requires_grad=True)}
+    tuner = bl.Online(mp, h, solver=bl.Adam(lr=lambda hp: hp["lr"].exp(), steps=2),
+                      estimator=bl.Implicit())
+    x = torch.randn(6, 1, 6, 6, dtype=DT)
+    y = torch.randint(0, 3, (6,))
+    with pytest.raises(bl.BilevelError, match=r"hparams\['lr'\].*Unrolled"):
+        tuner.step((x, y), (x, y))
+    assert tuner.hyper_steps == 0 and h["wd"].grad is None  # nothing half-done
