@@ -367,3 +367,27 @@ def test_minibatches_bad_input():
         bl.Minibatches(torch.ones(4), batch_size=2, offset=-1)
     with pytest.raises(bl.BilevelError, match="needs a callable"):
         bl.PerStep(3)
+
+
+class CountingGD(bl.InnerSolver):
+    """GD whose state is a Python step counter (as meta's official iMAML solver)."""
+
+    steps = 3
+
+    def init_state(self, params, hparams):
+        return 0
+
+    def update(self, grads, params, state, hparams):
+        return params - 0.1 * grads, state + 1
+
+
+def test_python_number_state_comes_back_as_a_tensor(setup):
+    stream, val, w0 = setup
+    res = bl.hypergrad(PROBLEM, hparams(False), stream, val, solver=CountingGD(), params0=w0)
+    assert isinstance(res.state, torch.Tensor) and int(res.state) == 3
+    again = bl.hypergrad(PROBLEM, hparams(False), stream.shifted(3), val, solver=CountingGD(),
+                         params0=res.params, state0=res.state)
+    assert int(again.state) == 6
+    batched = vmap(lambda ld: bl.hypergrad(PROBLEM, {"ld": ld}, stream, val, solver=CountingGD(),
+                                           params0=w0))(torch.zeros(2, 3, dtype=DT))
+    assert batched.state.tolist() == [3, 3]
