@@ -18,6 +18,7 @@ hypergradient call uses one outer batch. An online tuner advances it per hyper-s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,12 @@ from .problem import BilevelError
 
 
 class PerStep:
-    """The batch of inner step k is ``fn(offset + k)``; ``fn`` must be deterministic in k."""
+    """The batch of inner step k is ``fn(offset + k)``; ``fn`` must be deterministic in k.
+
+    Estimators call ``fn`` outside their own transforms (ForwardMode draws all K batches
+    before its vmap over tangents), but under a user's ``vmap`` over problems ``fn`` runs
+    inside it: index precomputed tensors there, or use :class:`Minibatches`, rather than call
+    a random op (vmap refuses those)."""
 
     def __init__(self, fn: Callable[[int], Any], offset: int = 0) -> None:
         if not callable(fn):
@@ -102,7 +108,7 @@ class Minibatches(PerStep):
         """The example order of ``epoch`` (a pure function of (seed, epoch))."""
         perm = self._perms.get(epoch)
         if perm is None:
-            with torch._C._DisableFuncTorch():  # no data dependence: not a transformed op
+            with _no_functorch():  # no data dependence: not a transformed op
                 gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
                 perm = torch.randperm(self.num_examples, generator=gen)
             if len(self._perms) > 8:
@@ -130,6 +136,11 @@ class Minibatches(PerStep):
 def batch_at(batch: Any, k: int) -> Any:
     """The batch of inner step ``k``: ``batch.at(k)`` for a :class:`PerStep`, else ``batch``."""
     return batch.at(k) if isinstance(batch, PerStep) else batch
+
+
+def _no_functorch():
+    """A context where random ops are not seen by vmap (private torch API; plain otherwise)."""
+    return getattr(torch._C, "_DisableFuncTorch", contextlib.nullcontext)()
 
 
 def _check_offset(offset: int) -> None:

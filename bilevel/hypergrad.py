@@ -20,7 +20,7 @@ from .linsolve import concrete_bool
 from .problem import BilevelError, BilevelProblem, HypergradResult, check_floating
 from .pytree import PyTree, tree_detach, tree_leaves, tree_map, tree_paths
 from .solvers import InnerSolver
-from .unroll import run, start_carry
+from .unroll import run, start_carry, state_out
 
 
 def hypergrad(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None,
@@ -35,8 +35,8 @@ def hypergrad(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None,
     ``outer_batch`` is evaluated at k = 0 (advance it between calls with ``.shifted(1)``).
     ``state0`` starts the solver from a given state s_0 (default ``solver.init_state(w_0, λ)``),
     e.g. ``res.state`` of the previous call to warm-start momentum; it is a constant (no
-    derivative flows into it). ``res.state`` is the final solver state, detached (under a
-    transform, Python numbers in it come back as tensors).
+    derivative flows into it). ``res.state`` is the final solver state, detached, as a pytree
+    of tensors (Python numbers in it, e.g. a step counter, come back as 0-d tensors).
 
     At the top level (no ``torch.func`` transform active) the computation runs on detached
     copies of ``hparams`` and everything returned is detached: hyperparameters that require
@@ -68,11 +68,9 @@ def hypergrad(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None,
     estimator.validate(problem, solver, hparams)
     result = estimator(problem, solver, hparams, inner_batch, outer_batch, params0, state0)
     result.info.update(flags(result))
+    result.state = state_out(result.state)  # tensors only (vmap returns it, results stack)
     if top:
         result = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, result)
-    else:  # vmap returns tensors only: a Python step counter in the state becomes a tensor
-        result.state = tree_map(
-            lambda x: torch.tensor(x) if isinstance(x, (bool, int, float)) else x, result.state)
     if check:
         _check_result(result, False, estimator)
     return result
@@ -193,4 +191,4 @@ def solve(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None, *,
     (w, s), _ = run(problem, solver, const, inner_batch,
                     start_carry(problem, solver, const, tree_detach(params0),
                                 tree_detach(state0)), solver.steps)
-    return (tree_detach(w), tree_detach(s)) if return_state else tree_detach(w)
+    return (tree_detach(w), state_out(s)) if return_state else tree_detach(w)

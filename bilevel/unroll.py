@@ -93,6 +93,13 @@ def check_state(state0: PyTree, fresh: PyTree, solver: InnerSolver) -> None:
                                f"{type(solver).__name__} expects {tuple(b.shape)}")
 
 
+def state_out(state: PyTree) -> PyTree:
+    """The solver state as a result carries it: detached, Python numbers (a step counter) as
+    0-d tensors, so that transforms (grad's aux, vmap's outputs) can return it."""
+    return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else
+                    torch.tensor(x) if isinstance(x, (bool, int, float)) else x, state)
+
+
 def outer_value(problem: BilevelProblem, params: PyTree, hparams: PyTree, batch: Any):
     """f(w, λ, b^out); a :class:`bilevel.PerStep` outer batch is evaluated at k = 0."""
     return call_loss(problem.outer_loss, "outer_loss", params, hparams, batch_at(batch, 0))
@@ -123,7 +130,7 @@ def tail_hypergrad(problem: BilevelProblem, solver: InnerSolver, hparams: PyTree
         (w_K, s_K), losses = run(problem, solver, h, inner_batch, (w, s_pre), tracked,
                                  start=steps - tracked)
         f = outer_value(problem, w_K, h, outer_batch)
-        return f, (tree_detach(w_K), tree_detach(s_K), losses)
+        return f, (tree_detach(w_K), state_out(s_K), losses)
 
     grads, (f, (w_K, s_K, losses)) = grad_and_value(objective, has_aux=True)(
         hparams, inner_batch, outer_batch)

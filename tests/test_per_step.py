@@ -367,3 +367,50 @@ def test_minibatches_bad_input():
         bl.Minibatches(torch.ones(4), batch_size=2, offset=-1)
     with pytest.raises(bl.BilevelError, match="needs a callable"):
         bl.PerStep(3)
+
+
+class CountingGD(bl.InnerSolver):
+    """GD whose state is a Python step counter (as meta's official iMAML solver)."""
+
+    steps = 3
+
+    def init_state(self, params, hparams):
+        return 0
+
+    def update(self, grads, params, state, hparams):
+        return params - 0.1 * grads, state + 1
+
+
+def test_python_number_state_comes_back_as_a_tensor(setup):
+    stream, val, w0 = setup
+    res = bl.hypergrad(PROBLEM, hparams(False), stream, val, solver=CountingGD(), params0=w0)
+    assert isinstance(res.state, torch.Tensor) and int(res.state) == 3
+    again = bl.hypergrad(PROBLEM, hparams(False), stream.shifted(3), val, solver=CountingGD(),
+                         params0=res.params, state0=res.state)
+    assert int(again.state) == 6
+    batched = vmap(lambda ld: bl.hypergrad(PROBLEM, {"ld": ld}, stream, val, solver=CountingGD(),
+                                           params0=w0))(torch.zeros(2, 3, dtype=DT))
+    assert batched.state.tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("estimator", [bl.FirstOrder(), bl.HistoryFree(iters=3)], ids=repr)
+def test_vmap_first_order_and_history_free_with_streams(estimator):
+    sets = [data(seed) for seed in range(3)]
+    Xs, ys = torch.stack([s[0] for s in sets]), torch.stack([s[1] for s in sets])
+    val, w0 = sets[0][2], torch.zeros(3, dtype=DT)
+    solver = bl.Momentum(lr=LR, steps=K, momentum=MU)
+
+    def one(X, y):
+        return bl.hypergrad(PROBLEM, hparams(False), bl.Minibatches(X, y, batch_size=8, seed=3),
+                            val, solver=solver, estimator=estimator, params0=w0)
+
+    batched = vmap(one)(Xs, ys)
+    for i in range(3):
+        stream = bl.Minibatches(Xs[i], ys[i], batch_size=8, seed=3)
+        if isinstance(estimator, bl.FirstOrder):
+            ref = hand_unrolled(hparams(False), stream, val, w0, tracked=0)[0]["ld"]
+        else:
+            ref = one(Xs[i], ys[i]).grad["ld"]
+        torch.testing.assert_close(batched.grad["ld"][i], ref, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(batched.state[i], hand_unrolled(hparams(False), stream, val,
+                                                                   w0)[2], rtol=1e-13, atol=1e-13)

@@ -25,7 +25,7 @@ import torch
 from ..autodiff import vjp
 from ..problem import BilevelError, HypergradResult
 from ..pytree import tree_add, tree_detach, tree_zeros_like
-from ..unroll import outer_value, run, stack_losses, start_carry
+from ..unroll import outer_value, run, stack_losses, start_carry, state_out
 from .base import Estimator
 
 
@@ -76,4 +76,4 @@ class Checkpointed(Estimator):
             _, pull_init = vjp(problem.init, hparams)
             grads = tree_add(grads, pull_init(u[0])[0])
         info = {"inner_loss": stack_losses(losses, f), "segments": torch.tensor(len(lengths))}
-        return HypergradResult(grads, w_K, f.detach(), info, s_K)
+        return HypergradResult(grads, w_K, f.detach(), info, state_out(s_K))

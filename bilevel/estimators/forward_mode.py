@@ -21,7 +21,7 @@ from torch.func import jvp, vmap
 from ..data import PerStep, batch_at
 from ..problem import BilevelError, HypergradResult
 from ..pytree import tree_basis, tree_detach, tree_from_vector, tree_map, tree_numel
-from ..unroll import outer_value, run, stack_losses, start_carry
+from ..unroll import outer_value, run, stack_losses, start_carry, state_out
 from .base import Estimator, warn_once
 
 
@@ -55,7 +55,7 @@ class ForwardMode(Estimator):
             (w_K, s_K), losses = run(problem, solver, h, PerStep(inner.__getitem__), carry,
                                      solver.steps)
             f = outer_value(problem, w_K, h, outer)
-            return f, (tree_detach(w_K), tree_detach(s_K), stack_losses(losses, f))
+            return f, (tree_detach(w_K), state_out(s_K), stack_losses(losses, f))
 
         def directional(tangent):
             f, df, aux = jvp(objective, (hparams,), (tangent,), has_aux=True)

@@ -27,7 +27,7 @@ from ..linsolve import CG, Neumann
 from ..problem import BilevelError, HypergradResult, call_loss
 from ..pytree import tree_detach, tree_norm, tree_sub
 from ..solvers import SAM, SignGD
-from ..unroll import outer_value, run, stack_losses, start_carry
+from ..unroll import outer_value, run, stack_losses, start_carry, state_out
 from .base import Estimator, warn_once
 from .refusals import refuse_unread
 
@@ -113,7 +113,7 @@ class Implicit(Estimator):
         w_K = tree_detach(w_K)
         return self.at_solution(problem, hparams, w_K, inner_batch, outer_batch,
                                 losses=losses, w_0=carry[0], grad_norm0=(norm0 or [None])[0],
-                                state=tree_detach(s_K), steps=solver.steps)
+                                state=state_out(s_K), steps=solver.steps)
 
     def at_solution(self, problem, hparams, w_K, inner_batch: Any, outer_batch: Any,
                     losses=(), w_0=None, v0=None, grad_norm0=None, state: Any = (),
