@@ -5,6 +5,8 @@ min_λ f(w*(λ), λ)  s.t.  w*(λ) ≈ argmin_w g(w, λ); parameters and hyperpa
 
 from . import autodiff
 from .adaptive import Adam, AdamW, RMSprop
+from .data import Minibatches, PerStep
+from .diagnostics import reset_warnings
 from .estimators import (
     Checkpointed,
     Estimator,
@@ -15,9 +17,10 @@ from .estimators import (
     Truncated,
     Unrolled,
 )
-from .estimators.base import reset_warnings
-from .hypergrad import check_result, hypergrad, proximal, solve
+from .hypergrad import accumulate_grad, check_result, hypergrad, proximal, solve
 from .linsolve import CG, Neumann
+from .modules import ModuleProblem, ModuleSolver, module_problem
+from .online import Online
 from .problem import BilevelError, BilevelProblem, HypergradResult
 from .solvers import SAM, GradientDescent, InnerSolver, Momentum, SignGD
 
@@ -28,5 +31,6 @@ __all__ = [
     "solve", "GradientDescent", "Momentum", "SignGD", "SAM", "Adam", "AdamW", "RMSprop",
     "InnerSolver", "CG", "Neumann",
     "Estimator", "Unrolled", "Truncated", "Checkpointed", "Implicit", "ForwardMode", "FirstOrder",
-    "HistoryFree", "reset_warnings", "autodiff",
+    "HistoryFree", "reset_warnings", "autodiff", "PerStep", "Minibatches", "accumulate_grad",
+    "module_problem", "ModuleProblem", "ModuleSolver", "Online",
 ]

@@ -9,28 +9,44 @@ counts; eager-only checks are skipped under vmap: call :func:`check_result` afte
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
+from .autodiff import _transform_active as transform_active
+from .diagnostics import flags, warn_flags
 from .estimators import Estimator, Unrolled
-from .estimators.base import warn_once
 from .linsolve import concrete_bool
 from .problem import BilevelError, BilevelProblem, HypergradResult, check_floating
-from .pytree import PyTree, tree_detach, tree_leaves, tree_paths
+from .pytree import PyTree, tree_detach, tree_leaves, tree_map, tree_paths
 from .solvers import InnerSolver
-from .unroll import run, start_carry
+from .unroll import run, start_carry, state_out
 
 
 def hypergrad(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None,
               outer_batch: Any = None, *, solver: InnerSolver,
               estimator: Estimator | None = None, params0: PyTree | None = None,
-              check: bool = True) -> HypergradResult:
+              state0: PyTree | None = None, check: bool = True,
+              differentiable: bool = False) -> HypergradResult:
     """Hypergradient dF/dλ of F(λ) = f(w_K(λ), λ), w_K = ``solver`` run on g(·, λ).
 
+    ``inner_batch`` is the batch of every inner step, or a :class:`bilevel.PerStep` /
+    :class:`bilevel.Minibatches` stream (step k uses ``inner_batch.at(k)``); a per-step
+    ``outer_batch`` is evaluated at k = 0 (advance it between calls with ``.shifted(1)``).
+    ``state0`` starts the solver from a given state s_0 (default ``solver.init_state(w_0, λ)``),
+    e.g. ``res.state`` of the previous call to warm-start momentum; it is a constant (no
+    derivative flows into it). ``res.state`` is the final solver state, detached, as a pytree
+    of tensors (Python numbers in it, e.g. a step counter, come back as 0-d tensors).
+
+    At the top level (no ``torch.func`` transform active) the computation runs on detached
+    copies of ``hparams`` and everything returned is detached: hyperparameters that require
+    grad (``nn.Parameter``) give a plain ``res.grad``; write it into their ``.grad`` with
+    :func:`accumulate_grad`. ``differentiable=True`` keeps the graph instead (res.grad is then
+    a function of the caller's tensors, for a higher-order derivative with
+    ``torch.autograd``). Under ``vmap``/``grad`` nothing is detached (composability).
+
     ``check=True`` raises :class:`FloatingPointError` naming the inner step (or the leaf) where
-    NaN/inf appeared, and warns when a linear solve missed its tolerance; these checks need
+    NaN/inf appeared, and warns on divergence or an unusable linear solve; these checks need
     concrete values and are skipped under ``vmap`` (see :func:`check_result`).
     """
     if not isinstance(problem, BilevelProblem):
@@ -45,20 +61,75 @@ def hypergrad(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None,
     check_floating(hparams, "hparams")
     if params0 is not None:
         check_floating(params0, "params0")
+    top = not transform_active() and not differentiable
+    if top:  # no graph into the caller's tensors: res.grad is a plain tensor
+        hparams, params0, state0 = tree_detach(hparams), tree_detach(params0), \
+            tree_detach(state0)
     estimator.validate(problem, solver, hparams)
-    result = estimator(problem, solver, hparams, inner_batch, outer_batch, params0)
+    result = estimator(problem, solver, hparams, inner_batch, outer_batch, params0, state0)
+    result.info.update(flags(result))
+    result.state = state_out(result.state)  # tensors only (vmap returns it, results stack)
+    if top:
+        result = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, result)
     if check:
-        check_result(result, strict=False, owner=estimator)
+        _check_result(result, False, estimator)
     return result
 
 
+def accumulate_grad(hparams: PyTree, grads: PyTree) -> None:
+    """``leaf.grad += grads[path]`` for every leaf of ``hparams`` (``.grad`` is created if it is
+    None), as ``loss.backward()`` would: then ``torch.optim`` steps the hyperparameters.
+
+    Leaves are matched by pytree path (``hparams["lr"]`` ↔ ``grads["lr"]``), not by order;
+    the leaves must be leaf tensors with ``requires_grad=True`` (``nn.Parameter`` or
+    ``torch.tensor(..., requires_grad=True)``). Errors name the leaf."""
+    want = dict(tree_paths(hparams))
+    got = dict(tree_paths(grads))
+    if set(want) != set(got):
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        raise BilevelError(f"accumulate_grad: grads does not match hparams: missing "
+                           f"{['grads' + p for p in missing]}, unexpected "
+                           f"{['grads' + p for p in extra]}")
+    for path, leaf in want.items():
+        g = got[path]
+        name = f"hparams{path}"
+        if not isinstance(leaf, torch.Tensor):
+            raise BilevelError(f"accumulate_grad: {name} is a {type(leaf).__name__}, not a tensor")
+        if not leaf.requires_grad:
+            raise BilevelError(f"accumulate_grad: {name} has requires_grad=False: create it with "
+                               f"requires_grad=True (or as an nn.Parameter) to receive a .grad")
+        if not leaf.is_leaf:
+            raise BilevelError(f"accumulate_grad: {name} is not a leaf tensor (it was computed "
+                               f"from other tensors), so its .grad is not kept: pass the leaf "
+                               f"itself (the tensor the optimiser updates)")
+        if not isinstance(g, torch.Tensor) or g.shape != leaf.shape:
+            raise BilevelError(f"accumulate_grad: grads{path} has shape "
+                               f"{tuple(getattr(g, 'shape', ()))}, {name} has "
+                               f"{tuple(leaf.shape)}")
+        g = g.detach().to(dtype=leaf.dtype, device=leaf.device)
+        with torch.no_grad():
+            if leaf.grad is None:
+                leaf.grad = g.clone()
+            else:
+                leaf.grad.add_(g)
+
+
 def check_result(result: HypergradResult, strict: bool = True, owner: object = None) -> None:
-    """Raise on NaN/inf (naming the inner step or the leaf) and warn on an unconverged solve.
+    """Raise on NaN/inf (naming the inner step or the leaf); warn on every problem flagged in
+    ``result.info["warnings/<kind>"]`` (see :mod:`bilevel.diagnostics`: divergence, CG
+    breakdown, unusable residual, diverging Neumann series, non-stationary inner solution).
 
     With ``strict=False`` values that are not concrete (under ``vmap``) are skipped silently;
     with ``strict=True`` (for calling it after a vmapped batch) every check runs. With an
-    ``owner`` (the estimator) a warning is given once per owner, not at every call.
+    ``owner`` (the estimator) warnings are rate-limited per owner and kind (occurrences 1, 10,
+    100, ... are shown); without one every warning is shown.
     """
+    _check_result(result, strict, owner)
+
+
+def _check_result(result: HypergradResult, strict: bool, owner: object) -> None:
+    """:func:`check_result`; called directly by the public functions (warnings point at their
+    caller)."""
     trace = result.info.get("inner_loss")
     if trace is not None and trace.numel():
         finite = torch.isfinite(trace)
@@ -71,12 +142,6 @@ def check_result(result: HypergradResult, strict: bool = True, owner: object = N
                                      f"learning rate or check the inner loss")
         if ok is None:
             return
-        rows = trace.reshape(-1, trace.shape[-1])
-        if rows.shape[-1] >= 2 and bool((rows[:, -1] > rows[:, 0]).any()):
-            worst = int((rows[:, -1] - rows[:, 0]).argmax())
-            _warn(owner, "diverging", f"the inner loss grew from {rows[worst, 0].item():.4g} to "
-                  f"{rows[worst, -1].item():.4g} over {rows.shape[-1]} inner steps: the inner "
-                  f"solver is diverging (lower its learning rate)")
     trees = (("inner solution params", result.params), ("hypergradient", result.grad),
              ("outer loss", result.outer_loss))
     sums = [leaf.sum() for _, tree in trees for leaf in tree_leaves(tree)]
@@ -87,43 +152,43 @@ def check_result(result: HypergradResult, strict: bool = True, owner: object = N
             for path, leaf in tree_paths(tree):
                 if concrete_bool(torch.isfinite(leaf).all()) is False:
                     raise FloatingPointError(f"the {what}{path} holds NaN/inf")
-    converged = result.info.get("linsolve_converged")
-    if converged is not None and concrete_bool(converged.all()) is False:
-        res = result.info["linsolve_rel_residual"]
-        its = result.info["linsolve_iterations"].max().item()
-        message = (f"the linear solve did not reach its tolerance (relative residual "
-                   f"{res.max().item():.3g} after {its} iterations): raise CG(iters=...) or add "
-                   f"damping")
-        _warn(owner, "linsolve", message)
-
-
-def _warn(owner: object, key: str, message: str) -> None:
-    if owner is None:
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-    else:
-        warn_once(owner, key, message)
+    warn_flags(result, owner)
 
 
 def proximal(loss, reg: float | str, center=lambda h: h):
     """iMAML's proximal inner loss: g(w, λ, b) + (reg/2)‖w − center(λ)‖².
 
-    ``reg`` may be a number or a key of hparams (a learnable regularisation strength)."""
+    ``reg`` may be a number or a key of hparams (a learnable regularisation strength). The
+    leaves of ``params`` and ``center(hparams)`` are paired by pytree path (key), not by order;
+    a structure mismatch raises :class:`BilevelError` naming the keys."""
 
     def g(params, hparams, batch):
-        c = center(hparams)
+        c = dict(tree_paths(center(hparams)))
+        w = dict(tree_paths(params))
+        if set(c) != set(w) or len(c) != len(tree_leaves(params)):
+            raise BilevelError(f"proximal: params and center(hparams) must have the same keys; "
+                               f"only in params: {sorted(set(w) - set(c))}, only in center: "
+                               f"{sorted(set(c) - set(w))}")
+        for path, p in w.items():
+            if p.shape != c[path].shape:
+                raise BilevelError(f"proximal: params{path} has shape {tuple(p.shape)}, "
+                                   f"center{path} has {tuple(c[path].shape)}")
         r = hparams[reg] if isinstance(reg, str) else reg
-        sq = sum(((p - q) ** 2).sum() for p, q in zip(tree_leaves(params), tree_leaves(c),
-                                                        strict=True))
+        sq = sum(((p - c[path]) ** 2).sum() for path, p in w.items())
         return loss(params, hparams, batch) + 0.5 * r * sq
 
     return g
 
 
 def solve(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None, *,
-          solver: InnerSolver, params0: PyTree | None = None) -> PyTree:
-    """The inner solution w_K alone (no hypergradient, no graph)."""
+          solver: InnerSolver, params0: PyTree | None = None, state0: PyTree | None = None,
+          return_state: bool = False) -> PyTree:
+    """The inner solution w_K alone (no hypergradient, no graph); ``(w_K, s_K)`` with
+    ``return_state=True``. ``inner_batch`` may be a :class:`bilevel.PerStep` stream and
+    ``state0`` a solver state to start from, as in :func:`hypergrad`."""
 
     const = tree_detach(hparams)
-    (w, _), _ = run(problem, solver, const, inner_batch,
-                    start_carry(problem, solver, const, params0), solver.steps)
-    return tree_detach(w)
+    (w, s), _ = run(problem, solver, const, inner_batch,
+                    start_carry(problem, solver, const, tree_detach(params0),
+                                tree_detach(state0)), solver.steps)
+    return (tree_detach(w), state_out(s)) if return_state else tree_detach(w)

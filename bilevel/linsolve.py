@@ -53,8 +53,9 @@ class CG:
     iterate is kept and ``breakdown`` is flagged). ``warm_start=True`` starts from the
     previous call's solution (eager only; pass ``x0`` explicitly under vmap).
     Info: ``residual`` ‖r‖ (the recursive residual, = ‖b − (H+μI)x‖ up to rounding),
-    ``rel_residual``, ``iterations``, ``converged``,
-    ``breakdown``.
+    ``rel_residual``, ``iterations``, ``converged`` (‖r‖ ≤ tol·‖b‖), ``usable``
+    (‖r‖ ≤ max(tol, warn_rtol)·‖b‖: :func:`bilevel.check_result` warns only when this is False,
+    so the float64 default tol of 1e-10 does not warn at a usable 1e-6), ``breakdown``.
     """
 
     iters: int = 20
@@ -62,6 +63,7 @@ class CG:
     damping: float = 0.0
     warm_start: bool = False
     breakdown_tol: float | None = None
+    warn_rtol: float = 1e-3
     _last: PyTree = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -120,6 +122,9 @@ class CG:
             "rel_residual": residual / torch.where(b_norm > 0, b_norm, 1),
             "iterations": iterations,
             "converged": residual <= threshold if tol > 0 else torch.ones_like(stopped),
+            # tol = 0 is a fixed iteration budget (HistoryFree): no residual is asked for
+            "usable": (residual <= max(tol, self.warn_rtol) * b_norm if tol > 0
+                       else torch.ones_like(stopped)),
             "breakdown": breakdown,
         }
         return x, info

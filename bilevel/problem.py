@@ -62,17 +62,21 @@ class BilevelProblem:
 @dataclass
 class HypergradResult:
     """``grad``: pytree like hparams, dF/dλ as the estimator defines it; ``params``: w_K;
-    ``outer_loss``: f(w_K, λ); ``info``: tensors (inner-loss trace, linear-solve residual...)."""
+    ``outer_loss``: f(w_K, λ); ``info``: tensors (inner-loss trace, linear-solve residual,
+    ``warnings/<kind>`` counts...); ``state``: the solver state s_K after the last inner step
+    (detached; ``()`` for stateless solvers), to warm-start the next call with
+    ``hypergrad(..., params0=res.params, state0=res.state)``. A pytree: ``vmap`` returns it."""
 
     grad: PyTree
     params: PyTree
     outer_loss: torch.Tensor
     info: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: PyTree = ()
 
 
 register_pytree_node(
     HypergradResult,
-    lambda r: ([r.grad, r.params, r.outer_loss, r.info], None),
+    lambda r: ([r.grad, r.params, r.outer_loss, r.info, r.state], None),
     lambda c, _: HypergradResult(*c),
 )
 

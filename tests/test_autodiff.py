@@ -124,7 +124,8 @@ def test_hypergrad_is_differentiable_when_hparams_require_grad():
         previous = ad.set_eager(eager)
         try:
             t = theta.clone().requires_grad_(True)
-            res = bl.hypergrad(q.problem(), {"theta": t}, solver=q.solver())
+            res = bl.hypergrad(q.problem(), {"theta": t}, solver=q.solver(),
+                               differentiable=True)
             return torch.autograd.grad(res.grad["theta"].pow(2).sum(), t)[0]
         finally:
             ad.set_eager(previous)

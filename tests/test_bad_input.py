@@ -73,7 +73,7 @@ def test_nan_step_index_is_the_first_bad_one():
     solver = bl.GradientDescent(lr=1.5, steps=5)
     with pytest.raises(FloatingPointError, match=r"inner step 1 \(0-based\)"):
         bl.hypergrad(prob, {"s": torch.tensor(1.0, dtype=DT)}, solver=solver,
-                     params0=torch.ones(2, dtype=DT), estimator=bl.FirstOrder())
+                     params0=torch.ones(2, dtype=DT), estimator=bl.Unrolled())
 
 
 def test_diverging_inner_solver_warns(maml):
@@ -112,8 +112,10 @@ def test_init_and_params0_both_or_neither(maml):
         bl.hypergrad(prob, theta(), solver=maml.solver())
 
 
-def test_implicit_on_maml_problem_without_proximal_term_warns(maml):
-    with pytest.warns(RuntimeWarning, match="ignores init"):
+def test_implicit_on_maml_problem_without_proximal_term_is_refused(maml):
+    # θ only enters init: the implicit hypergradient would be exactly 0
+    with pytest.raises(bl.BilevelError, match=r"Implicit cannot differentiate hparams\['theta'\]: "
+                                              r"neither the inner nor the outer loss reads it"):
         bl.hypergrad(maml.problem(), theta(), solver=bl.GradientDescent(0.2, 200),
                      estimator=bl.Implicit(bl.CG(5)))
 
@@ -161,14 +163,18 @@ def test_forward_mode_warns_for_many_hyperparameters():
                      estimator=bl.ForwardMode(max_hparams=10), params0=torch.zeros(20))
 
 
-def test_warnings_are_not_repeated_every_step(maml):
-    est = bl.Implicit(bl.CG(5))
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        for _ in range(3):
-            bl.hypergrad(maml.problem(), theta(), solver=bl.GradientDescent(0.2, 100),
-                         estimator=est)
-    assert sum("ignores init" in str(w.message) for w in seen) == 1
+def test_warnings_are_not_repeated_every_step():
+    pb = IMAMLQuadratic.make(d=3)
+    for fresh in (False, True):  # one estimator, or a fresh (equal) one at every step
+        bl.reset_warnings()
+        est = bl.Implicit(bl.CG(5))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in range(9):
+                res = bl.hypergrad(pb.problem(), theta(), solver=bl.GradientDescent(0.01, 2),
+                                   estimator=bl.Implicit(bl.CG(5)) if fresh else est)
+                assert bool(res.info["warnings/not_stationary"])
+        assert sum("stationary point" in str(w.message) for w in seen) == 1
 
 
 def test_mse_loss_zerotensor_falls_back_to_reverse_hvp():

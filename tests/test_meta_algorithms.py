@@ -26,7 +26,7 @@ WAYS, SHOTS, QUERIES, TASKS = 3, 1, 2, 3
 pytestmark = [
     pytest.mark.filterwarnings("ignore:the inner loss grew:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:Implicit. the inner solver did not reach:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:HistoryFree. CG met:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:CG broke down:RuntimeWarning"),
 ]
 
 

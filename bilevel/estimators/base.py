@@ -1,12 +1,14 @@
 """The estimator protocol: ``estimator(problem, solver, hparams, inner_batch, outer_batch,
-params0) -> HypergradResult``; ``validate(problem, solver, hparams)`` rejects combinations that
-make no sense before any work is done."""
+params0, state0=None) -> HypergradResult`` (``state0``: the solver state to start from, None
+for ``solver.init_state``; the result's ``state`` is the final one, detached);
+``validate(problem, solver, hparams)`` rejects combinations that make no sense before any work
+is done."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
+from ..diagnostics import reset_warnings, warn  # noqa: F401  (re-exported)
 from ..problem import BilevelProblem, HypergradResult
 from ..pytree import PyTree
 from ..solvers import InnerSolver
@@ -22,7 +24,8 @@ class Estimator:
         """Raise or warn on estimator/solver combinations that make no sense."""
 
     def __call__(self, problem: BilevelProblem, solver: InnerSolver, hparams: PyTree,
-                 inner_batch: Any, outer_batch: Any, params0: PyTree | None) -> HypergradResult:
+                 inner_batch: Any, outer_batch: Any, params0: PyTree | None,
+                 state0: PyTree | None = None) -> HypergradResult:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -31,18 +34,7 @@ class Estimator:
         return f"{type(self).__name__}({args})"
 
 
-_WARNED: set[tuple[str, str]] = set()
-
-
 def warn_once(owner: object, key: str, message: str, category=RuntimeWarning) -> None:
-    """Warn once per process for each (estimator class, kind of problem): training loops call
-    us every step, often with a fresh estimator object. :func:`reset_warnings` re-arms them."""
-    tag = (type(owner).__name__, key)
-    if tag not in _WARNED:
-        _WARNED.add(tag)
-        warnings.warn(message + " [shown once; values are in res.info]", category, stacklevel=4)
-
-
-def reset_warnings() -> None:
-    """Show every once-only warning again."""
-    _WARNED.clear()
+    """A rate-limited warning of kind ``key`` for this estimator (occurrences 1, 10, 100, ...
+    are shown; see :mod:`bilevel.diagnostics`). :func:`reset_warnings` re-arms them."""
+    warn(owner, key, message, category, stacklevel=5)

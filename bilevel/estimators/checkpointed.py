@@ -9,8 +9,10 @@ checkpoint under ``torch.func.vjp`` and pull the adjoint back,
           {\\partial \\lambda}\\Big)^\\top (u_w, u_s),
 
 starting from u_w = ∇_w f(w_K, λ), ĝ = ∇_λ f(w_K, λ), and finishing with
-ĝ += (∂w_0/∂λ)ᵀ u_w. Same value as :class:`Unrolled`; memory O(S·d + (K/S)·(d + A)), minimal
-at S ≈ √K (the default); cost ≈ 2K gradients + K Hessian-vector products.
+ĝ += (∂w_0/∂λ)ᵀ u_w. A per-step ``inner_batch`` is replayed by global step index (segment i
+recomputes steps k_i .. k_i + n_i − 1 with their own batches). Same value as
+:class:`Unrolled`; memory O(S·d + (K/S)·(d + A)), minimal at S ≈ √K (the default);
+cost ≈ 2K gradients + K Hessian-vector products.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from ..autodiff import vjp
 from ..problem import BilevelError, HypergradResult
 from ..pytree import tree_add, tree_detach, tree_zeros_like
-from ..unroll import outer_value, run, stack_losses, start_carry
+from ..unroll import outer_value, run, stack_losses, start_carry, state_out
 from .base import Estimator
 
 
@@ -46,14 +48,16 @@ class Checkpointed(Estimator):
         base, extra = divmod(steps, n)
         return [base + (i < extra) for i in range(n)]
 
-    def __call__(self, problem, solver, hparams, inner_batch, outer_batch, params0):
+    def __call__(self, problem, solver, hparams, inner_batch, outer_batch, params0,
+                 state0=None):
         const = tree_detach(hparams)
-        carry = tree_detach(start_carry(problem, solver, const, params0))
+        carry = tree_detach(start_carry(problem, solver, const, params0, state0))
         checkpoints, losses = [], []
         lengths = self.segment_lengths(solver.steps)
-        for n in lengths:
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]  # global first step of each
+        for n, k0 in zip(lengths, starts, strict=True):
             checkpoints.append(carry)
-            carry, seg_losses = run(problem, solver, const, inner_batch, carry, n)
+            carry, seg_losses = run(problem, solver, const, inner_batch, carry, n, start=k0)
             carry = tree_detach(carry)
             losses += seg_losses
         w_K, s_K = carry
@@ -61,8 +65,10 @@ class Checkpointed(Estimator):
         f, pull_outer = vjp(lambda w, h: outer_value(problem, w, h, outer_batch), w_K, hparams)
         u_w, grads = pull_outer(torch.ones_like(f))
         u = (u_w, tree_zeros_like(s_K))
-        for n, checkpoint in zip(reversed(lengths), reversed(checkpoints)):
-            segment = lambda c, h, n=n: run(problem, solver, h, inner_batch, c, n)[0]  # noqa: E731
+        for n, k0, checkpoint in zip(reversed(lengths), reversed(starts), reversed(checkpoints),
+                                     strict=True):
+            segment = lambda c, h, n=n, k0=k0: run(  # noqa: E731  (replays steps k0 .. k0+n-1)
+                problem, solver, h, inner_batch, c, n, start=k0)[0]
             _, pull_segment = vjp(segment, checkpoint, hparams)
             u, g_seg = pull_segment(u)
             grads = tree_add(grads, g_seg)
@@ -70,4 +76,4 @@ class Checkpointed(Estimator):
             _, pull_init = vjp(problem.init, hparams)
             grads = tree_add(grads, pull_init(u[0])[0])
         info = {"inner_loss": stack_losses(losses, f), "segments": torch.tensor(len(lengths))}
-        return HypergradResult(grads, w_K, f.detach(), info)
+        return HypergradResult(grads, w_K, f.detach(), info, state_out(s_K))

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 from torch.func import jvp, vmap
 
+from ..data import PerStep, batch_at
 from ..problem import BilevelError, HypergradResult
 from ..pytree import tree_basis, tree_detach, tree_from_vector, tree_map, tree_numel
-from ..unroll import outer_value, run, stack_losses, start_carry
+from ..unroll import outer_value, run, stack_losses, start_carry, state_out
 from .base import Estimator, warn_once
 
 
@@ -42,19 +43,27 @@ class ForwardMode(Estimator):
             warn_once(self, "size", f"ForwardMode costs one tangent per hyperparameter element and "
                       f"hparams has {n}; reverse mode (Unrolled/Checkpointed) is far cheaper here")
 
-    def __call__(self, problem, solver, hparams, inner_batch, outer_batch, params0):
+    def __call__(self, problem, solver, hparams, inner_batch, outer_batch, params0,
+                 state0=None):
+        # per-step batches are drawn once, here, outside the vmap over tangents (a PerStep fn
+        # then need not be vmap-safe, and every tangent sees the same batches)
+        inner = [batch_at(inner_batch, k) for k in range(solver.steps)]
+        outer = batch_at(outer_batch, 0)
+
         def objective(h):
-            carry = start_carry(problem, solver, h, params0)
-            (w_K, _), losses = run(problem, solver, h, inner_batch, carry, solver.steps)
-            f = outer_value(problem, w_K, h, outer_batch)
-            return f, (tree_detach(w_K), stack_losses(losses, f))
+            carry = start_carry(problem, solver, h, params0, state0)
+            (w_K, s_K), losses = run(problem, solver, h, PerStep(inner.__getitem__), carry,
+                                     solver.steps)
+            f = outer_value(problem, w_K, h, outer)
+            return f, (tree_detach(w_K), state_out(s_K), stack_losses(losses, f))
 
         def directional(tangent):
             f, df, aux = jvp(objective, (hparams,), (tangent,), has_aux=True)
             return df, f, aux
 
-        dfs, f, (w_K, trace) = vmap(directional, chunk_size=self.chunk_size)(tree_basis(hparams))
+        dfs, f, (w_K, s_K, trace) = vmap(directional, chunk_size=self.chunk_size)(
+            tree_basis(hparams))
         grads = tree_from_vector(dfs, hparams)
         first = lambda t: t[0]  # noqa: E731  (vmap broadcast the primal outputs)
         return HypergradResult(grads, tree_map(first, w_K), f[0].detach(),
-                               {"inner_loss": trace[0]})
+                               {"inner_loss": trace[0]}, tree_map(first, s_K))

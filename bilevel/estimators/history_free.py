@@ -19,8 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..linsolve import CG, concrete_bool
-from .base import warn_once
+from ..linsolve import CG
 from .implicit import Implicit
 
 
@@ -37,10 +36,3 @@ class HistoryFree(Implicit):
     def __post_init__(self) -> None:
         self.linsolve = CG(iters=self.iters, tol=0.0, damping=self.damping,
                            warm_start=self.warm_start)
-
-    def _warn(self, problem, info, mixed) -> None:
-        super()._warn(problem, info, mixed)
-        if concrete_bool(info["linsolve_breakdown"]):
-            warn_once(self, "breakdown", "HistoryFree: CG met (near-)zero curvature p·Hp ≈ 0 "
-                      "(singular inner Hessian) and stopped at the last good iterate; set "
-                      "damping > 0 to make the system positive definite")

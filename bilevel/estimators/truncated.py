@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ..problem import BilevelError
 from ..unroll import tail_hypergrad
 from .base import Estimator
+from .refusals import refuse_first_order
 
 
 @dataclass
@@ -36,6 +37,9 @@ class Truncated(Estimator):
             raise BilevelError(f"Truncated(steps={self.steps}) tracks more steps than the solver "
                                f"runs ({solver.steps}); use at most {solver.steps} or Unrolled()")
 
-    def __call__(self, problem, solver, hparams, inner_batch, outer_batch, params0):
+    def __call__(self, problem, solver, hparams, inner_batch, outer_batch, params0,
+                 state0=None):
+        if self.steps == 0:  # = FirstOrder: the same exact-zero leaves are refused
+            refuse_first_order(self, problem, solver, hparams, params0, outer_batch)
         return tail_hypergrad(problem, solver, hparams, inner_batch, outer_batch, params0,
-                              tracked=self.steps)
+                              tracked=self.steps, state0=state0)

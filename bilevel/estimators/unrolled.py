@@ -23,6 +23,7 @@ class Unrolled(Estimator):
 
     exact = True
 
-    def __call__(self, problem, solver, hparams, inner_batch, outer_batch, params0):
+    def __call__(self, problem, solver, hparams, inner_batch, outer_batch, params0,
+                 state0=None):
         return tail_hypergrad(problem, solver, hparams, inner_batch, outer_batch, params0,
-                              tracked=solver.steps)
+                              tracked=solver.steps, state0=state0)

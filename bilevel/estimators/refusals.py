@@ -1,0 +1,139 @@
+"""Refuse hyperparameters an estimator cannot differentiate (before any inner step runs).
+
+The implicit hypergradient is ĝ = ∇_λ f(w*, λ) − ∇²_λw g(w*, λ) v: a leaf of λ that neither
+g nor f reads (an inner learning rate, a momentum: read by the solver only) gets exactly 0,
+whatever its true effect on w_K. The first-order estimator ĝ = ∇_λ f + (∂w_0/∂λ)ᵀ ∇_w f gives 0
+to a leaf that neither f nor init reads. Both are refused, naming the leaf.
+
+Which leaves a function reads is decided structurally, not from values (a leaf whose gradient
+happens to be 0 at this point is still read):
+
+- at the top level (no ``torch.func`` transform active): one autograd pass over detached copies,
+  ``torch.autograd.grad(outputs, leaves, allow_unused=True)`` is ``None`` for an unread leaf;
+- under ``vmap``/``grad``/``jvp`` (autograd cannot mark transformed tensors): a
+  ``TorchFunctionMode`` records which leaf objects enter any torch operation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ..autodiff import _transform_active
+from ..data import batch_at
+from ..problem import BilevelError, call_loss
+from ..pytree import PyTree, tree_detach, tree_flatten, tree_leaves, tree_paths, tree_unflatten
+
+
+class _Reads(TorchFunctionMode):
+    """Records which of the watched tensor objects enter a torch function."""
+
+    def __init__(self, watched: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.ids = {id(t): i for i, t in enumerate(watched)}
+        self.seen: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for x in tree_leaves((args, kwargs)):
+            i = self.ids.get(id(x)) if isinstance(x, torch.Tensor) else None
+            if i is not None:
+                self.seen.add(i)
+        return func(*args, **kwargs)
+
+
+def unread_leaves(fn: Callable[[PyTree], Any], hparams: PyTree) -> list[str]:
+    """Paths of the leaves of ``hparams`` that no tensor output of ``fn(hparams)`` depends on."""
+    leaves, spec = tree_flatten(hparams)
+    paths = [p for p, _ in tree_paths(hparams)]
+    if _transform_active():
+        mode = _Reads(leaves)
+        with mode:
+            fn(hparams)
+        return [p for i, p in enumerate(paths) if i not in mode.seen]
+    copies = [x.detach().requires_grad_(True) for x in leaves]
+    with torch.enable_grad():
+        outs = [o for o in tree_leaves(fn(tree_unflatten(copies, spec)))
+                if isinstance(o, torch.Tensor) and o.requires_grad]
+        if not outs:
+            return paths
+        found = torch.autograd.grad([o.sum() for o in outs], copies, allow_unused=True)
+    return [p for p, g in zip(paths, found, strict=True) if g is None]
+
+
+def _names(paths: list[str]) -> str:
+    return ", ".join(f"hparams{p}" for p in paths)
+
+
+def _seen(est: object, key: tuple) -> bool:
+    """True if ``est`` already checked this (problem, hparams structure); else remember it.
+    The key holds the loss functions themselves (not their ids), so it cannot be reused."""
+    checked = est.__dict__.setdefault("_checked_reads", [])
+    if key in checked:
+        return True
+    if len(checked) >= 16:
+        checked.clear()
+    checked.append(key)
+    return False
+
+
+def _key(problem, hparams: PyTree, *extra) -> tuple:
+    return (problem.inner_loss, problem.outer_loss, problem.init,
+            tuple((p, tuple(x.shape)) for p, x in tree_paths(hparams)), _transform_active(),
+            *extra)
+
+
+def refuse_unread(est: object, problem, hparams: PyTree, w0: PyTree, inner_batch: Any,
+                  outer_batch: Any) -> None:
+    """Implicit/HistoryFree: every leaf must be read by g or f (evaluated at w_0, detached).
+    Checked once per estimator and (problem, hparams structure)."""
+    key = _key(problem, hparams)
+    if key in est.__dict__.get("_checked_reads", []):
+        return
+    w0 = tree_detach(w0)
+
+    def losses(h):
+        return (call_loss(problem.inner_loss, "inner_loss", w0, h, batch_at(inner_batch, 0)),
+                call_loss(problem.outer_loss, "outer_loss", w0, h, batch_at(outer_batch, 0)))
+
+    unread = unread_leaves(losses, hparams)
+    if unread:
+        name = type(est).__name__
+        raise BilevelError(
+            f"{name} cannot differentiate {_names(unread)}: neither the inner nor the outer loss "
+            f"reads it (it only enters the solver, e.g. a learning rate or momentum, or "
+            f"init(hparams)), and the implicit hypergradient ∇_λf − ∇²_λw g·v is exactly 0 "
+            f"for such a leaf. Differentiate the solver's steps instead: bl.Unrolled(), "
+            f"bl.Truncated(T) or bl.ForwardMode() (few hyperparameters); for MAML-type problems "
+            f"add a proximal term (bl.proximal)")
+    _seen(est, key)
+
+
+def refuse_first_order(est: object, problem, solver, hparams: PyTree, params0: PyTree | None,
+                       outer_batch: Any) -> None:
+    """FirstOrder: every leaf must be read by f or by init (ĝ is 0 for the others)."""
+    if solver.steps == 0:
+        return  # w_K = w_0: the first-order hypergradient is exact
+    key = _key(problem, hparams, params0 is None)
+    if key in est.__dict__.get("_checked_reads", []):
+        return
+
+    def reads(h):
+        w = problem.start(h, params0) if problem.init is not None else tree_detach(params0)
+        f = call_loss(problem.outer_loss, "outer_loss", tree_detach(w), h,
+                      batch_at(outer_batch, 0))
+        return (f, w) if problem.init is not None else f
+
+    unread = unread_leaves(reads, hparams)
+    if unread:
+        where = "neither the outer loss nor init(hparams) reads it" if problem.init is not None \
+            else "the outer loss does not read it and the start point params0 is fixed"
+        raise BilevelError(
+            f"{est!r} cannot differentiate {_names(unread)}: {where}, so "
+            f"its first-order hypergradient ∇_λf + (∂w_0/∂λ)ᵀ∇_w f is exactly 0 (dw_K/dλ is "
+            f"dropped). Use bl.Unrolled(), bl.Truncated(T) or bl.ForwardMode(), or "
+            f"bl.Implicit() if the inner loss reads it")
+    _seen(est, key)

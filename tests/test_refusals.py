@@ -1,0 +1,174 @@
+"""Combinations that cannot give the answer asked for are refused: solver-only hyperparameters
+under Implicit/HistoryFree/FirstOrder, and bl.proximal with mismatched keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _problems import DT, IMAMLQuadratic, MAMLQuadratic
+from torch.func import vmap
+
+import bilevel as bl
+
+
+def ridge():
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(20, 3, dtype=DT, generator=g), torch.randn(20, dtype=DT, generator=g)
+    inner = lambda w, h, b: ((X @ w - y) ** 2).mean() + h["decay"] * (w * w).sum()  # noqa: E731
+    outer = lambda w, h, b: ((X[:5] @ w - y[:5]) ** 2).mean()  # noqa: E731
+    return bl.BilevelProblem(inner, outer), torch.zeros(3, dtype=DT)
+
+
+def hp(**extra):
+    h = {"decay": torch.tensor(0.1, dtype=DT)}
+    h.update({k: torch.tensor(v, dtype=DT) for k, v in extra.items()})
+    return h
+
+
+IMPLICIT = [bl.Implicit(bl.CG(5)), bl.Implicit(bl.Neumann(5, 0.1)), bl.HistoryFree(iters=5)]
+
+
+@pytest.mark.parametrize("estimator", IMPLICIT, ids=repr)
+@pytest.mark.parametrize("solver,leaf", [
+    (bl.GradientDescent("lr", 50), "lr"),
+    (bl.Momentum(0.1, 50, momentum="mu"), "mu"),
+    (bl.Momentum(lambda h: h["lr"], 50), "lr"),
+])
+def test_implicit_refuses_a_solver_only_hyperparameter(estimator, solver, leaf):
+    prob, w0 = ridge()
+    name = type(estimator).__name__
+    expected = (f"{name} cannot differentiate hparams['{leaf}']: neither the inner nor the "
+                f"outer loss reads it (it only enters the solver, e.g. a learning rate or "
+                f"momentum, or init(hparams)), and the implicit hypergradient ∇_λf − ∇²_λw g·v "
+                f"is exactly 0 for such a leaf. Differentiate the solver's steps instead: "
+                f"bl.Unrolled(), bl.Truncated(T) or bl.ForwardMode() (few hyperparameters); for "
+                f"MAML-type problems add a proximal term (bl.proximal)")
+    with pytest.raises(bl.BilevelError) as err:
+        bl.hypergrad(prob, hp(**{leaf: 0.1}), solver=solver, estimator=estimator, params0=w0)
+    assert str(err.value) == expected
+    # the same problem under vmap (no autograd marks there: the structural fallback)
+    with pytest.raises(bl.BilevelError, match=rf"cannot differentiate hparams\['{leaf}'\]"):
+        vmap(lambda d: bl.hypergrad(prob, {"decay": d, leaf: torch.tensor(0.1, dtype=DT)},
+                                    solver=solver, estimator=estimator, params0=w0))(
+            torch.tensor([0.1, 0.2], dtype=DT))
+    # the estimators that differentiate the solver accept it
+    for ok in (bl.Unrolled(), bl.Truncated(3), bl.ForwardMode()):
+        res = bl.hypergrad(prob, hp(**{leaf: 0.1}), solver=solver, estimator=ok, params0=w0)
+        assert float(res.grad[leaf].abs()) > 0
+
+
+def test_a_read_leaf_with_zero_gradient_is_not_refused():
+    """Read structurally (relu at a negative input, a ×0): gradient 0 here, still accepted."""
+    prob0, w0 = ridge()
+
+    def inner(w, h, b):
+        return prob0.inner_loss(w, h, b) + torch.relu(h["c"]) * w.sum() + 0 * h["z"]
+
+    prob = bl.BilevelProblem(inner, prob0.outer_loss)
+    h = hp(c=-1.0, z=2.0)
+    solver = bl.GradientDescent(0.2, 200)
+    res = bl.hypergrad(prob, h, solver=solver, estimator=bl.Implicit(bl.CG(5)), params0=w0)
+    assert float(res.grad["c"]) == 0.0 and float(res.grad["z"]) == 0.0
+    assert float(res.grad["decay"].abs()) > 0
+    batched = vmap(lambda c: bl.hypergrad(prob, {**h, "c": c}, solver=solver, params0=w0,
+                                          estimator=bl.Implicit(bl.CG(5))).grad["c"])(
+        torch.tensor([-1.0, -2.0], dtype=DT))
+    assert torch.equal(batched, torch.zeros(2, dtype=DT))
+
+
+def test_a_leaf_read_only_by_the_outer_loss_is_fine():
+    prob0, w0 = ridge()
+    prob = bl.BilevelProblem(prob0.inner_loss,
+                             lambda w, h, b: prob0.outer_loss(w, h, b) + h["t"] ** 2)
+    res = bl.hypergrad(prob, hp(t=0.5), solver=bl.GradientDescent(0.2, 200), params0=w0,
+                       estimator=bl.Implicit(bl.CG(5)))
+    torch.testing.assert_close(res.grad["t"], torch.tensor(1.0, dtype=DT), rtol=1e-14, atol=0)
+
+
+def test_first_order_with_a_fixed_start_refuses_what_the_outer_loss_ignores():
+    prob, w0 = ridge()
+    with pytest.raises(bl.BilevelError, match=r"FirstOrder\(\) cannot differentiate "
+                                              r"hparams\['decay'\]: the outer loss does not read "
+                                              r"it and the start point params0 is fixed"):
+        bl.hypergrad(prob, hp(), solver=bl.GradientDescent(0.1, 5), params0=w0,
+                     estimator=bl.FirstOrder())
+    with pytest.raises(bl.BilevelError, match=r"Truncated\(steps=0\) cannot differentiate"):
+        bl.hypergrad(prob, hp(), solver=bl.GradientDescent(0.1, 5), params0=w0,
+                     estimator=bl.Truncated(0))
+    with pytest.raises(bl.BilevelError, match=r"FirstOrder\(\) cannot differentiate"):
+        vmap(lambda d: bl.hypergrad(prob, {"decay": d}, solver=bl.GradientDescent(0.1, 5),
+                                    params0=w0, estimator=bl.FirstOrder()))(
+            torch.tensor([0.1, 0.2], dtype=DT))
+    # zero inner steps: w_K = w_0, the first-order gradient is exact (0 here): allowed
+    res = bl.hypergrad(prob, hp(), solver=bl.GradientDescent(0.1, 0), params0=w0,
+                       estimator=bl.FirstOrder())
+    assert float(res.grad["decay"]) == 0.0
+
+
+def test_first_order_maml_refuses_a_learned_inner_lr_but_not_theta():
+    q = MAMLQuadratic.make(d=3, K=3)
+    h = {"theta": torch.ones(3, dtype=DT), "lr": torch.tensor(0.2, dtype=DT)}
+    with pytest.raises(bl.BilevelError, match=r"FirstOrder\(\) cannot differentiate "
+                                              r"hparams\['lr'\]: neither the outer loss nor "
+                                              r"init\(hparams\) reads it"):
+        bl.hypergrad(q.problem(), h, solver=bl.GradientDescent("lr", 3),
+                     estimator=bl.FirstOrder())
+    res = bl.hypergrad(q.problem(), {"theta": torch.ones(3, dtype=DT)}, solver=q.solver(),
+                       estimator=bl.FirstOrder())
+    torch.testing.assert_close(res.grad["theta"], q.fo_grad(torch.ones(3, dtype=DT)),
+                               rtol=1e-13, atol=1e-14)
+
+
+def test_imaml_theta_is_read_through_the_proximal_term():
+    pb = IMAMLQuadratic.make(d=4)
+    theta = torch.ones(4, dtype=DT)
+    res = bl.hypergrad(pb.problem(), {"theta": theta}, solver=bl.GradientDescent(0.2, 300),
+                       estimator=bl.Implicit(bl.CG(10)))
+    torch.testing.assert_close(res.grad["theta"], pb.grad(theta), rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------ proximal pairs by key
+def _proximal_problem(center):
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=DT))
+    support = lambda p, h, b: 0.5 * (p["a"] @ A @ p["a"]) + (p["b"] ** 2).sum()  # noqa: E731
+    return bl.proximal(support, 2.0, center=center)
+
+
+def test_proximal_pairs_leaves_by_key_not_order():
+    params = {"a": torch.tensor([1.0, 2.0, 3.0], dtype=DT), "b": torch.tensor([4.0], dtype=DT)}
+    c_a, c_b = torch.tensor([0.5, 0.0, -1.0], dtype=DT), torch.tensor([1.0], dtype=DT)
+    same = _proximal_problem(lambda h: {"a": h["ca"], "b": h["cb"]})
+    swapped = _proximal_problem(lambda h: {"b": h["cb"], "a": h["ca"]})  # other dict order
+    h = {"ca": c_a, "cb": c_b}
+    base = 0.5 * (params["a"] @ torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=DT))
+                  @ params["a"]) + (params["b"] ** 2).sum()
+    expected = base + 0.5 * 2.0 * (((params["a"] - c_a) ** 2).sum() + ((params["b"] - c_b) ** 2)
+                                   .sum())
+    torch.testing.assert_close(same(params, h, None), expected, rtol=1e-15, atol=0)
+    torch.testing.assert_close(swapped(params, h, None), expected, rtol=1e-15, atol=0)
+
+
+def test_proximal_refuses_other_keys_with_the_same_leaf_count():
+    params = {"a": torch.ones(3, dtype=DT), "b": torch.ones(1, dtype=DT)}
+    other = _proximal_problem(lambda h: {"a": h["ca"], "c": h["cb"]})
+    with pytest.raises(bl.BilevelError, match=r"proximal: params and center\(hparams\) must "
+                                              r"have the same keys; only in params: "
+                                              r"\[\"\['b'\]\"\], only in center: \[\"\['c'\]\"\]"):
+        other(params, {"ca": torch.ones(3, dtype=DT), "cb": torch.ones(1, dtype=DT)}, None)
+    shape = _proximal_problem(lambda h: {"a": h["ca"], "b": h["ca"]})
+    with pytest.raises(bl.BilevelError, match=r"proximal: params\['b'\] has shape \(1,\), "
+                                              r"center\['b'\] has \(3,\)"):
+        shape(params, {"ca": torch.ones(3, dtype=DT)}, None)
+
+
+def test_the_check_is_cached_per_problem_not_per_estimator():
+    prob, w0 = ridge()
+    est = bl.Implicit(bl.CG(5))
+    for _ in range(2):
+        bl.hypergrad(prob, hp(), solver=bl.GradientDescent(0.2, 50), params0=w0, estimator=est)
+    with pytest.raises(bl.BilevelError, match=r"hparams\['lr'\]"):  # new hparams structure
+        bl.hypergrad(prob, hp(lr=0.2), solver=bl.GradientDescent("lr", 50), params0=w0,
+                     estimator=est)
+    other = bl.BilevelProblem(lambda w, h, b: (w * w).sum(), prob.outer_loss)  # new problem
+    with pytest.raises(bl.BilevelError, match=r"hparams\['decay'\]"):
+        bl.hypergrad(other, hp(), solver=bl.GradientDescent(0.2, 50), params0=w0, estimator=est)
