@@ -172,3 +172,22 @@ def test_the_check_is_cached_per_problem_not_per_estimator():
     other = bl.BilevelProblem(lambda w, h, b: (w * w).sum(), prob.outer_loss)  # new problem
     with pytest.raises(bl.BilevelError, match=r"hparams\['decay'\]"):
         bl.hypergrad(other, hp(), solver=bl.GradientDescent(0.2, 50), params0=w0, estimator=est)
+
+
+@pytest.mark.parametrize("estimator", [bl.Implicit(bl.CG(5)), bl.FirstOrder()], ids=repr)
+def test_the_structural_check_draws_no_random_numbers(estimator):
+    """A loss with dropout: the refusal check's own forward must not advance the RNG, so a run
+    with the check draws the same masks as the same run without it."""
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(20, 3, dtype=DT, generator=g), torch.randn(20, dtype=DT, generator=g)
+    drop = lambda w: torch.nn.functional.dropout(X @ w, 0.3)  # noqa: E731
+    prob = bl.BilevelProblem(
+        lambda w, h, b: ((drop(w) - y) ** 2).mean() + h["decay"] * (w * w).sum(),
+        lambda w, h, b: ((drop(w) - y) ** 2).mean() + h["decay"] * w.sum())
+    kw = dict(solver=bl.GradientDescent(0.1, 3), params0=torch.zeros(3, dtype=DT))
+    torch.manual_seed(0)
+    bl.hypergrad(prob, hp(), estimator=estimator, **kw)
+    after_first = torch.rand(3)
+    torch.manual_seed(0)
+    bl.hypergrad(prob, hp(), estimator=estimator, **kw)  # checked already: no check this time
+    assert torch.equal(torch.rand(3), after_first)

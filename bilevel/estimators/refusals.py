@@ -45,17 +45,24 @@ class _Reads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _rng_untouched(leaves: list[torch.Tensor]):
+    """The check's own forward must not consume random numbers (dropout): a run with the check
+    draws the same masks as one without it (loop == vmap replays rely on it)."""
+    cuda = sorted({x.device.index or 0 for x in leaves if x.device.type == "cuda"})
+    return torch.random.fork_rng(devices=cuda)
+
+
 def unread_leaves(fn: Callable[[PyTree], Any], hparams: PyTree) -> list[str]:
     """Paths of the leaves of ``hparams`` that no tensor output of ``fn(hparams)`` depends on."""
     leaves, spec = tree_flatten(hparams)
     paths = [p for p, _ in tree_paths(hparams)]
     if _transform_active():
         mode = _Reads(leaves)
-        with mode:
+        with _rng_untouched(leaves), mode:
             fn(hparams)
         return [p for i, p in enumerate(paths) if i not in mode.seen]
     copies = [x.detach().requires_grad_(True) for x in leaves]
-    with torch.enable_grad():
+    with _rng_untouched(leaves), torch.enable_grad():
         outs = [o for o in tree_leaves(fn(tree_unflatten(copies, spec)))
                 if isinstance(o, torch.Tensor) and o.requires_grad]
         if not outs:
