@@ -3,7 +3,7 @@
 min_λ f(w*(λ), λ)  s.t.  w*(λ) ≈ argmin_w g(w, λ); parameters and hyperparameters are pytrees.
 """
 
-from . import autodiff
+from . import autodiff, stochastic
 from .estimators import (
     Checkpointed,
     Estimator,
@@ -26,5 +26,5 @@ __all__ = [
     "BilevelError", "BilevelProblem", "HypergradResult", "hypergrad", "check_result", "proximal",
     "solve", "GradientDescent", "Momentum", "SignGD", "SAM", "InnerSolver", "CG", "Neumann",
     "Estimator", "Unrolled", "Truncated", "Checkpointed", "Implicit", "ForwardMode", "FirstOrder",
-    "HistoryFree", "reset_warnings", "autodiff",
+    "HistoryFree", "reset_warnings", "autodiff", "stochastic",
 ]
