@@ -209,7 +209,7 @@ def quadratic_bench(n_inner=1024, n_outer=1024, d=10, p=10, mu=0.1, seed=0, dtyp
     cast = lambda t: t.to(dtype)  # noqa: E731
     return Bench("quadratic", BilevelProblem(g, f), (cast(A), cast(y), cast(B)),
                  (cast(Ao), cast(yo)), torch.zeros(d, dtype=dtype), torch.ones(p, dtype=dtype),
-                 evaluate, "subopt", {"x_star": xs, "h_star": h_star})
+                 evaluate, "subopt", {"x_star": xs, "h_star": h_star, "mu": mu})
 
 
 def as_numpy(tree):
