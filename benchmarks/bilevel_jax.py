@@ -195,13 +195,15 @@ def run_timed(solver, evaluate, max_time: float, max_evals: int = 10_000):
     state = {"t": 0.0, "it": 0, "t0": None}
 
     def cb():
+        inner = getattr(solver, "inner_var", None)
+        if inner is not None and hasattr(inner, "block_until_ready"):
+            inner.block_until_ready()  # JAX dispatches asynchronously: wait before the clock
+            solver.outer_var.block_until_ready()
         now = time.perf_counter()
         if state["t0"] is not None:
             state["t"] += now - state["t0"]
             state["it"] += solver.eval_freq
-        inner = getattr(solver, "inner_var", None)
         if inner is not None and state["it"] > 0:
-            inner.block_until_ready() if hasattr(inner, "block_until_ready") else None
             m = evaluate(np.asarray(solver.inner_var), np.asarray(solver.outer_var))
             records.append((state["it"], state["t"], m))
             if not np.all(np.isfinite(np.asarray(solver.outer_var))):

@@ -456,3 +456,29 @@ def test_f2sa_benchmark_lambda_rule(quad):
         state, _ = run(alg, QPROBLEM, state, si, so, 100)
         errs.append(_err(state, quad))
     assert errs[2] < errs[1] < errs[0] < 1 and state.lam > 10
+
+
+def test_fused_oracles_equal_eager(setup):
+    """The torch.func fused oracle (the compile path without compiling) equals the eager one."""
+    si, so, z0, x0 = setup
+    v = torch.randn(4, dtype=DT, generator=torch.Generator().manual_seed(1))
+    fused = bl.stochastic._common.fused_oracles(PROBLEM, compile=False)
+    a = fused(z0, x0, v, si(0).data, so(0).data)
+    b = bl.stochastic._common.single_loop_oracles(PROBLEM, z0, x0, v, si(0), so(0), False)
+    for u, w in zip(a, b):
+        assert close(u, w)
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("BILEVEL_TEST_COMPILE"),
+                    reason="torch.compile takes ~1 min on CPU: set BILEVEL_TEST_COMPILE=1")
+def test_compiled_soba_saba_equal_eager(setup):
+    si, so, z0, x0 = setup
+    for make in (lambda c: SOBA(0.3, 0.2, compile=c), lambda c: SABA(0.3, 0.2, compile=c)):
+        out = []
+        for c in (False, True):
+            alg = make(c)
+            init = {"n_inner_blocks": len(si), "n_outer_blocks": len(so)} if isinstance(
+                alg, SABA) else {}
+            st, _ = run(alg, PROBLEM, alg.init(z0, x0, **init), si, so, 8)
+            out.append(st)
+        assert close(out[0].x, out[1].x, 1e-10) and close(out[0].z, out[1].z, 1e-10)

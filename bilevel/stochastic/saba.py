@@ -37,6 +37,7 @@ from ._common import (
     clone,
     inner_oracles,
     outer_grads,
+    single_loop_oracles,
     zeros_like,
 )
 
@@ -95,12 +96,13 @@ class SABA(StochasticAlgorithm):
     oracle_calls = (3, 2)
 
     def __init__(self, inner_step: StepSize, outer_step: StepSize, v_step: StepSize | None = None,
-                 decay: float = 0.0, inplace: bool = True, check: bool = True) -> None:
+                 decay: float = 0.0, inplace: bool = True, compile: bool = False,
+                 check: bool = True) -> None:
         self.inner_step = as_schedule(inner_step, decay, "SABA inner_step")
         self.v_step = self.inner_step if v_step is None else as_schedule(v_step, decay,
                                                                         "SABA v_step")
         self.outer_step = as_schedule(outer_step, decay, "SABA outer_step")
-        self.inplace, self.check = inplace, check
+        self.inplace, self.check, self.compile = inplace, check, compile
 
     @property
     def batches_per_step(self) -> tuple[int, int]:
@@ -148,8 +150,8 @@ class SABA(StochasticAlgorithm):
         ki, wi = _block(inner_batches[0], _n_blocks(memory["grad_inner"]), "inner")
         ko, wo = _block(outer_batches[0], _n_blocks(memory["grad_outer_z"]), "outer")
         rho, eta, gamma = self.inner_step(t), self.v_step(t), self.outer_step(t)
-        phis = (*inner_oracles(problem, z, x, v, inner_batches[0]),
-                *outer_grads(problem, z, x, outer_batches[0]))
+        phis = single_loop_oracles(problem, z, x, v, inner_batches[0], outer_batches[0],
+                                   self.compile)
         memory = dict(memory)
         d = {}
         for name, phi in zip(_TERMS, phis):

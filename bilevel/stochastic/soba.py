@@ -7,7 +7,8 @@ One iteration t, inner batch i, outer batch j, all directions taken at (z_t, v_t
     x_{t+1} = x_t − γ_t (J_i v_t + ∇_x f_j(z_t, x_t))          (J v = ∇²_xz g v)
 
 ρ_t = ρ/(t+1)^a, γ_t = γ/(t+1)^a, a = 1/2 by default (the paper's decreasing steps, the
-benchmark's exponents). H_i v and J_i v come from one VJP of ∇_z g_i.
+benchmark's exponents). H_i v and J_i v come from one VJP of ∇_z g_i. ``compile=True`` runs
+the five directions through ``torch.compile`` (see :func:`fused_oracles`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from ._common import (
     check_finite,
     check_start,
     clone,
-    inner_oracles,
-    outer_grads,
+    single_loop_oracles,
     zeros_like,
 )
 
@@ -47,12 +47,12 @@ class SOBA(StochasticAlgorithm):
     oracle_calls = (3, 2)
 
     def __init__(self, inner_step: StepSize, outer_step: StepSize, v_step: StepSize | None = None,
-                 decay: float = 0.5, check: bool = True) -> None:
+                 decay: float = 0.5, compile: bool = False, check: bool = True) -> None:
         self.inner_step = as_schedule(inner_step, decay, "SOBA inner_step")
         self.v_step = self.inner_step if v_step is None else as_schedule(v_step, decay,
                                                                         "SOBA v_step")
         self.outer_step = as_schedule(outer_step, decay, "SOBA outer_step")
-        self.check = check
+        self.check, self.compile = check, compile
 
     @property
     def batches_per_step(self) -> tuple[int, int]:
@@ -68,8 +68,8 @@ class SOBA(StochasticAlgorithm):
         check_batches(self.name, "outer", outer_batches, 1)
         z, v, x, t = state
         rho, eta, gamma = self.inner_step(t), self.v_step(t), self.outer_step(t)
-        gz, hv, jv = inner_oracles(problem, z, x, v, inner_batches[0])
-        fz, fx = outer_grads(problem, z, x, outer_batches[0])
+        gz, hv, jv, fz, fx = single_loop_oracles(problem, z, x, v, inner_batches[0],
+                                                 outer_batches[0], self.compile)
         z = axpy(-rho, gz, z)
         v = axpy(-eta, add(hv, fz), v)
         x = axpy(-gamma, add(jv, fx), x)

@@ -31,8 +31,7 @@ from ._common import (
     check_finite,
     check_start,
     clone,
-    inner_oracles,
-    outer_grads,
+    single_loop_oracles,
     sub,
     zeros_like,
 )
@@ -60,7 +59,8 @@ class SRBA(StochasticAlgorithm):
     oracle_calls = (3, 2)
 
     def __init__(self, inner_step: StepSize, outer_step: StepSize, period: int,
-                 v_step: StepSize | None = None, decay: float = 0.0, check: bool = True) -> None:
+                 v_step: StepSize | None = None, decay: float = 0.0, compile: bool = False,
+                 check: bool = True) -> None:
         if not isinstance(period, int) or period < 1:
             raise BilevelError(f"SRBA: period must be a positive int (see srba_period), "
                                f"got {period!r}")
@@ -68,7 +68,7 @@ class SRBA(StochasticAlgorithm):
         self.v_step = self.inner_step if v_step is None else as_schedule(v_step, decay,
                                                                         "SRBA v_step")
         self.outer_step = as_schedule(outer_step, decay, "SRBA outer_step")
-        self.period, self.check = period, check
+        self.period, self.check, self.compile = period, check, compile
 
     @property
     def batches_per_step(self) -> tuple[int, int]:
@@ -84,10 +84,8 @@ class SRBA(StochasticAlgorithm):
         v = zeros_like(z0) if v0 is None else clone(v0)
         return SRBAState(z, v, x, 0, (z, v, x), (zeros_like(z), zeros_like(z), zeros_like(x)))
 
-    @staticmethod
-    def _fields(problem, z, v, x, ib, ob):
-        gz, hv, jv = inner_oracles(problem, z, x, v, ib)
-        fz, fx = outer_grads(problem, z, x, ob)
+    def _fields(self, problem, z, v, x, ib, ob):
+        gz, hv, jv, fz, fx = single_loop_oracles(problem, z, x, v, ib, ob, self.compile)
         return gz, add(hv, fz), add(jv, fx)
 
     def step(self, state: SRBAState, problem: BilevelProblem, inner_batches: Any,
