@@ -121,8 +121,8 @@ def build_problems(args) -> dict[str, pb.Bench]:
 
 
 def metric_of(bench: pb.Bench, z, x) -> float:
-    z = torch.as_tensor(np.array(z)).to(bench.z0.dtype).reshape(bench.z0.shape)
-    x = torch.as_tensor(np.array(x)).to(bench.x0.dtype)
+    z = torch.tensor(np.asarray(z)).to(bench.z0.dtype).reshape(bench.z0.shape)
+    x = torch.tensor(np.asarray(x)).to(bench.x0.dtype)
     return float(bench.evaluate(z, x)[bench.metric])
 
 
@@ -307,7 +307,7 @@ def plot(summary, meta, out: Path) -> None:
         colors = dict(zip(ALGS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
         for ax, axis, grid, label in ((axes[0], 1, grids[0], "wall-clock time (s)"),
                                       (axes[1], 0, grids[1], "oracle calls (samples)")):
-            for (p, alg, impl), v in sorted(rows.items()):
+            for (_p, alg, impl), v in sorted(rows.items()):
                 med, lo, hi = band(v["runs"], axis, grid)
                 style = {"torch": "-", "torch-compile": "-.", "jax": ":"}[impl]
                 ax.plot(grid, med, style, color=colors[alg], label=f"{NAMES[alg]} ({impl})")
