@@ -155,8 +155,8 @@ def run_torch(bench, alg_name, params, seed, max_time, eval_freq, compile=False)
     state = alg.init(bench.z0, bench.x0, **init)
     if compile:  # compile outside the clock: warm up on a copy of the state
         warm = alg.init(bench.z0, bench.x0, **init)
-        period = getattr(alg, "period", 1)
-        st.run(alg, bench.problem, warm, si, so, min(2 * period + 2, 3 * len(si)))
+        # every block shape (the partial last one too) and, for SRBA, the full-batch reset
+        st.run(alg, bench.problem, warm, si, so, max(len(si), len(so)) + 2)
     recs, solver_t, it, draws = [(0, 0.0, metric_of(bench, bench.z0, bench.x0))], 0.0, 0, None
     gate = TimeGate()
     while solver_t < max_time:
