@@ -11,6 +11,7 @@ and ``alg.batches_per_step`` fresh minibatches per iteration (a :class:`Sampler`
 :func:`run` drives the loop). Equations in each module's docstring.
 """
 
+from . import datasets, problems
 from ._common import (
                       Minibatch,
                       Sampler,
@@ -30,7 +31,8 @@ from .soba import SOBA, SOBAState
 from .srba import SRBA, SRBAState, srba_period
 from .stocbio import StocBiO, StocBiOState
 
-__all__ = ["SOBA", "SABA", "SRBA", "AmIGO", "StocBiO", "F2SA", "Schedule", "Sampler",
+__all__ = ["datasets", "problems", "SOBA", "SABA", "SRBA", "AmIGO", "StocBiO", "F2SA",
+           "Schedule", "Sampler",
            "Minibatch", "StochasticAlgorithm", "run", "next_batches", "Draws", "srba_period",
            "inner_oracles", "inner_grad", "outer_grads", "hvp", "cross_vjp", "SOBAState",
            "SABAState", "SRBAState", "AmIGOState", "StocBiOState", "F2SAState"]
