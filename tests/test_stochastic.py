@@ -482,3 +482,10 @@ def test_compiled_soba_saba_equal_eager(setup):
             st, _ = run(alg, PROBLEM, alg.init(z0, x0, **init), si, so, 8)
             out.append(st)
         assert close(out[0].x, out[1].x, 1e-10) and close(out[0].z, out[1].z, 1e-10)
+
+
+def test_oracle_call_counts_match_benchmark():
+    """Per-iteration (inner, outer) oracle calls as benchopt's N_CALLS counts them."""
+    assert SOBA(0.1, 0.1).oracle_calls == (3, 2) and SABA(0.1, 0.1).oracle_calls == (3, 2)
+    assert SRBA(0.1, 0.1, period=3).oracle_calls == (3, 2)
+    assert AmIGO(0.1, 0.1).oracle_calls == (21, 2) and StocBiO(0.1, 0.1).oracle_calls == (21, 2)

@@ -63,7 +63,7 @@ class AmIGO(StochasticAlgorithm):
         self.n_v_steps = _positive_int(n_inner_steps if n_v_steps is None else n_v_steps,
                                        "n_v_steps", self.name)
         self.check = check
-        self.oracle_calls = (self.n_inner_steps + 2 * self.n_v_steps + 1, 2)
+        self.oracle_calls = (self.n_inner_steps + self.n_v_steps + 1, 2)  # benchmark: 21 + 2
 
     @property
     def batches_per_step(self) -> tuple[int, int]:
