@@ -1,0 +1,51 @@
+"""Driving an algorithm with two samplers: draws the batches each iteration needs, in order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..problem import BilevelError, BilevelProblem
+from ._common import Sampler, StochasticAlgorithm
+
+
+@dataclass
+class Draws:
+    """Next draw index of each sampler (the whole minibatch stream is a function of these)."""
+
+    inner: int = 0
+    outer: int = 0
+    oracle_calls: tuple[int, int] = (0, 0)
+
+
+def next_batches(alg: StochasticAlgorithm, t: int, inner: Sampler, outer: Sampler,
+                 draws: Draws) -> tuple[list, list]:
+    """The batch lists of iteration t (advances ``draws``); SRBA resets get the full data."""
+    needs_full = getattr(alg, "needs_full", None)
+    if needs_full is not None and needs_full(t):
+        return [inner.full()], [outer.full()]
+    n_in, n_out = alg.batches_per_step
+    ib = [inner(draws.inner + k) for k in range(n_in)]
+    ob = [outer(draws.outer + k) for k in range(n_out)]
+    draws.inner += n_in
+    draws.outer += n_out
+    return ib, ob
+
+
+def run(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, inner: Sampler,
+        outer: Sampler, n_steps: int, callback: Callable[[Any, Draws], None] | None = None,
+        every: int = 1, draws: Draws | None = None) -> tuple[Any, Draws]:
+    """``n_steps`` iterations of ``alg`` from ``state``; ``callback(state, draws)`` after every
+    ``every`` iterations. Pass back the returned ``draws`` to continue the same stream."""
+    if not isinstance(inner, Sampler) or not isinstance(outer, Sampler):
+        raise BilevelError("run: inner and outer must be bl.stochastic.Sampler objects")
+    draws = Draws() if draws is None else draws
+    for _ in range(n_steps):
+        ib, ob = next_batches(alg, state.t, inner, outer, draws)
+        state, info = alg.step(state, problem, ib, ob)
+        ci, co = info["oracle_calls"]
+        draws.oracle_calls = (draws.oracle_calls[0] + ci, draws.oracle_calls[1] + co)
+        if callback is not None and state.t % every == 0:
+            callback(state, draws)
+    return state, draws

@@ -1,0 +1,43 @@
+"""The suite's aggregation (median / 20-80 % band, time to target, table) on made-up records."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import bilevel_suite as bs
+
+
+def _run(alg, impl, seed, scale):
+    recs = [(0, 0.0, 1.0)] + [(k * 100, k * scale, 1.0 / (k + 1)) for k in range(1, 11)]
+    return {"problem": "p", "alg": alg, "impl": impl, "seed": seed, "params": [0.1, 1.0, {}],
+            "records": recs, "calls_per_it": 320}
+
+
+def test_summary_table_and_band(tmp_path):
+    runs = [_run("soba", "torch", s, 0.2) for s in (1, 2, 3)]
+    runs += [_run("soba", "jax", s, 0.1) for s in (1, 2, 3)]
+    summary = bs.summarise(runs)
+    v_t, v_j = summary[("p", "soba", "torch")], summary[("p", "soba", "jax")]
+    assert v_t["final"] == pytest.approx(1 / 11)
+    assert v_t["us_per_it"] == pytest.approx(1e6 * 2.0 / 1000)
+    assert v_t["time_to_target"] == pytest.approx(2 * v_j["time_to_target"])
+    med, lo, hi = bs.band(runs[:3], 1, np.array([0.0, 0.25, 5.0]))
+    assert med[0] == 1.0 and med[1] == pytest.approx(0.5) and lo[2] <= med[2] <= hi[2]
+    meta = {"date": "d", "device": "cpu", "torch": "t", "jax": "j", "benchmark_commit": "c",
+            "seeds": 3, "max_time": 2, "command": "cmd", "data": {"p": "synthetic"},
+            "metric": {"p": "subopt"}}
+    text = bs.write_table(summary, meta, tmp_path / "t.md")
+    assert "| SOBA | torch | 2000.0 |" in text and "2.0×" in text
+    assert "Fastest to the target: **SOBA (jax)**" in text
+    assert not math.isnan(v_t["target"])
+
+
+def test_config_grid_reads_benchmark_yml():
+    from benchmarks import bilevel_jax as bj
+    if bj.benchmark_repo() is None:
+        pytest.skip("no benchmark_bilevel checkout")
+    grid = bs.config_grid("ijcnn1", "saba")
+    assert (0.125, 1.0, {}) in grid and len(grid) == 25
