@@ -6,8 +6,11 @@
     mp.write_back(res.params)          # the tuned weights (and running statistics) into model
 
 ``mp.hypergrad`` / ``mp.solve`` are :func:`bilevel.hypergrad` / :func:`bilevel.solve` with
-``solver=mp.solver(base)`` and ``params0=mp.params0()`` filled in; with the plain functions pass
-both yourself (a bare solver would leave the running statistics where they started).
+``solver=mp.solver(base)`` and ``params0=mp.params0()`` filled in. ``mp.problem`` is a
+:class:`ModuleBilevelProblem`: :func:`bilevel.hypergrad` / :func:`bilevel.solve` wrap a plain
+solver given with it in ``mp.solver(base)`` themselves (a plain solver would otherwise treat
+the running statistics as weights: never updated, and shrunk by AdamW's decoupled decay), so
+``bl.hypergrad(mp.problem, ..., solver=bl.AdamW(...), params0=mp.params0())`` is right too.
 
 The inner and outer losses are
 
@@ -104,7 +107,22 @@ def _check_model(model: nn.Module) -> None:
         raise BilevelError("the model has no parameters to train")
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
+class ModuleBilevelProblem(BilevelProblem):
+    """The :class:`bilevel.BilevelProblem` of a :class:`ModuleProblem` (``mp.problem``).
+
+    :func:`bilevel.hypergrad` and :func:`bilevel.solve` call :meth:`adapt_solver` on the solver
+    they are given, so that a plain solver moves the weights only and the buffers follow the
+    inner loop as in train mode."""
+
+    module: ModuleProblem | None = field(default=None, repr=False)
+
+    def adapt_solver(self, solver: InnerSolver) -> ModuleSolver:
+        """``solver`` as :meth:`ModuleProblem.solver` wraps it (a wrapped one is kept)."""
+        return self.module._wrap(solver)
+
+
+@dataclass(eq=False)
 class ModuleProblem:
     """A :class:`bilevel.BilevelProblem` over an ``nn.Module``'s weights; see the module doc.
 
@@ -133,7 +151,7 @@ class ModuleProblem:
         if self.outer_mode not in ("eval", "train"):
             raise BilevelError(f"module_problem(outer_mode=...) must be 'eval' or 'train', got "
                                f"{self.outer_mode!r}")
-        self.problem = BilevelProblem(self._inner_loss, self._outer_loss)
+        self.problem = ModuleBilevelProblem(self._inner_loss, self._outer_loss, module=self)
 
     # -- parameters ---------------------------------------------------------------------------
     def params0(self) -> dict[str, dict[str, torch.Tensor]]:
