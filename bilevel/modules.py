@@ -18,7 +18,7 @@ The inner and outer losses are
           f(w, \\lambda, (x, y)) = \\ell_{val}(m_w^{eval}(x), y, \\lambda)
 
 with m_w the module called through ``torch.func.functional_call`` on the parameters w (in
-train mode for g, in eval mode for f unless ``outer_mode="train"``).
+train mode for g; for f in train mode by default, in eval mode with ``outer_mode="eval"``).
 
 **Parameters** are the pytree ``{"params": {name: tensor}, "buffers": {name: tensor}}``. The
 solver only moves ``params``; ``buffers`` are carried along the trajectory beside them.
@@ -38,9 +38,17 @@ training, but functionally, so that every estimator and ``torch.func`` transform
   ``nn.BatchNorm``. Cost: one extra forward (no backward) per inner step.
 - the running statistics are constants for the hypergradient (a stop-gradient, as in torch,
   where BatchNorm's running-statistics update is not differentiable): every estimator then
-  differentiates the same function. With ``outer_mode="eval"`` (default) the path
-  λ → w → running statistics → f is dropped; ``outer_mode="train"`` evaluates f on batch
-  statistics, where no buffer enters and the hypergradient is the full derivative.
+  differentiates the same function.
+
+**outer_mode.** ``"train"`` (default) evaluates f with batch statistics of the outer batch:
+no buffer enters f, and every estimator returns the exact dF/dλ (central finite differences
+of F agree to 3e-10 on a Conv-BatchNorm net, float64). ``"eval"`` evaluates f as the deployed
+model does (running statistics), but its hypergradient drops the path
+λ → w_k → running statistics → f, so it is BIASED, increasingly with the horizon K: on a
+Conv-BatchNorm2d-Linear net (Momentum, Minibatches of 6, float64) against central finite
+differences of the true eval-mode F it is off by 5.2 % / 1.5 % (decay / learning rate) at
+K = 5, 32 % / 13 % at K = 20 and 900 % / 73 % at K = 50 (cosine 0.99999, 0.987, 0.997). In
+train mode BatchNorm needs more than one value per channel in the outer batch.
 
 Buffers of other modules are passed read-only. Modules that mutate buffers in ways this module
 does not reproduce (InstanceNorm with ``track_running_stats``) and dropout (a random mask that
@@ -130,13 +138,16 @@ class ModuleProblem:
     model output on a batch ``(inputs, target)``; ``regularizer(params, hparams)`` (optional)
     is added to the inner loss with ``params = {name: tensor}`` of the model's parameters
     (per-layer weight decay: ``lambda p, h: sum(h[k].exp() * p[k].pow(2).sum() for k in h)``).
+    ``outer_mode="train"`` (default: exact hypergradient) or ``"eval"`` (f on the running
+    statistics; hypergradient biased, 5 % at K = 5 to 900 % at K = 50 steps on a BatchNorm
+    convnet: see the module doc).
     """
 
     model: nn.Module
     train_loss: OutputLoss
     val_loss: OutputLoss
     regularizer: Callable[[dict, PyTree], torch.Tensor] | None = None
-    outer_mode: str = "eval"
+    outer_mode: str = "train"
     problem: BilevelProblem = field(init=False)
 
     def __post_init__(self) -> None:
@@ -207,7 +218,8 @@ class ModuleProblem:
         return self.solver(solver)
 
     def forward(self, params: PyTree, inputs: Any, train: bool = False) -> torch.Tensor:
-        """``model(inputs)`` at ``params`` (train mode: batch statistics, no buffer written)."""
+        """``model(inputs)`` at ``params``, in eval mode by default (train mode: batch
+        statistics, no buffer written)."""
         self._check_tree(params, "params")
         mapping = dict(params["params"])
         running = _running_bn(self.model)
@@ -335,8 +347,13 @@ class ModuleSolver(InnerSolver):
 
 def module_problem(model: nn.Module, train_loss: OutputLoss, val_loss: OutputLoss, *,
                    regularizer: Callable[[dict, PyTree], torch.Tensor] | None = None,
-                   outer_mode: str = "eval") -> ModuleProblem:
+                   outer_mode: str = "train") -> ModuleProblem:
     """A bilevel problem over ``model``'s weights (see :mod:`bilevel.modules`).
+
+    ``outer_mode="train"`` (default): the outer loss uses batch statistics and the
+    hypergradient is exact; ``"eval"``: running statistics, hypergradient biased (the path
+    λ → w → running statistics → f is dropped; 5.2 % / 1.5 % off at K = 5 steps, 32 % / 13 % at
+    K = 20 on a BatchNorm convnet vs finite differences).
 
     Use ``mp.problem`` as the problem, ``mp.params0()`` as the start point,
     ``mp.solver(base)`` as the solver, ``mp.write_back(res.params)`` to load the result into

@@ -107,9 +107,11 @@ def test_estimators_agree_on_a_module_problem(estimator):
 
 
 def test_unrolled_matches_finite_differences_train_mode():
-    """outer_mode='train': no buffer enters f, so the hypergradient is the full derivative."""
+    """outer_mode='train' (the default): no buffer enters f, so the hypergradient is the full
+    derivative."""
     model = convnet()
-    mp = bl.module_problem(model, train_loss, val_loss, regularizer=reg, outer_mode="train")
+    mp = bl.module_problem(model, train_loss, val_loss, regularizer=reg)
+    assert mp.outer_mode == "train"
     solver = mp.solver(bl.GradientDescent(lr=0.1, steps=2))
     res = bl.hypergrad(mp.problem, HP, BATCHES[2], VAL, solver=solver, params0=mp.params0())
 
