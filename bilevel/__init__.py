@@ -19,7 +19,7 @@ from .estimators import (
 )
 from .hypergrad import accumulate_grad, check_result, hypergrad, proximal, solve
 from .linsolve import CG, Neumann
-from .modules import ModuleProblem, ModuleSolver, module_problem
+from .modules import ModuleBilevelProblem, ModuleProblem, ModuleSolver, module_problem
 from .online import Online
 from .problem import BilevelError, BilevelProblem, HypergradResult
 from .solvers import SAM, GradientDescent, InnerSolver, Momentum, SignGD
@@ -32,5 +32,6 @@ __all__ = [
     "InnerSolver", "CG", "Neumann",
     "Estimator", "Unrolled", "Truncated", "Checkpointed", "Implicit", "ForwardMode", "FirstOrder",
     "HistoryFree", "reset_warnings", "autodiff", "PerStep", "Minibatches", "accumulate_grad",
-    "module_problem", "ModuleProblem", "ModuleSolver", "Online", "stochastic",
+    "module_problem", "ModuleProblem", "ModuleBilevelProblem", "ModuleSolver", "Online",
+    "stochastic",
 ]

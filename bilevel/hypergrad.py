@@ -54,6 +54,7 @@ def hypergrad(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None,
     if not isinstance(solver, InnerSolver):
         raise BilevelError(f"solver must be an inner solver such as bl.GradientDescent(lr, steps), "
                            f"got {type(solver).__name__}")
+    solver = adapt_solver(problem, solver)
     estimator = Unrolled() if estimator is None else estimator
     if not isinstance(estimator, Estimator):
         raise BilevelError(f"estimator must be a bilevel estimator such as bl.Unrolled(), got "
@@ -74,6 +75,13 @@ def hypergrad(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None,
     if check:
         _check_result(result, False, estimator)
     return result
+
+
+def adapt_solver(problem: BilevelProblem, solver: InnerSolver) -> InnerSolver:
+    """``problem.adapt_solver(solver)`` where the problem defines it, else ``solver`` (a module
+    problem wraps a plain solver: it moves the weights, the BatchNorm buffers follow)."""
+    adapt = getattr(problem, "adapt_solver", None)
+    return solver if adapt is None else adapt(solver)
 
 
 def accumulate_grad(hparams: PyTree, grads: PyTree) -> None:
@@ -187,6 +195,7 @@ def solve(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None, *,
     ``return_state=True``. ``inner_batch`` may be a :class:`bilevel.PerStep` stream and
     ``state0`` a solver state to start from, as in :func:`hypergrad`."""
 
+    solver = adapt_solver(problem, solver)
     const = tree_detach(hparams)
     (w, s), _ = run(problem, solver, const, inner_batch,
                     start_carry(problem, solver, const, tree_detach(params0),

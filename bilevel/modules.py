@@ -6,8 +6,11 @@
     mp.write_back(res.params)          # the tuned weights (and running statistics) into model
 
 ``mp.hypergrad`` / ``mp.solve`` are :func:`bilevel.hypergrad` / :func:`bilevel.solve` with
-``solver=mp.solver(base)`` and ``params0=mp.params0()`` filled in; with the plain functions pass
-both yourself (a bare solver would leave the running statistics where they started).
+``solver=mp.solver(base)`` and ``params0=mp.params0()`` filled in. ``mp.problem`` is a
+:class:`ModuleBilevelProblem`: :func:`bilevel.hypergrad` / :func:`bilevel.solve` wrap a plain
+solver given with it in ``mp.solver(base)`` themselves (a plain solver would otherwise treat
+the running statistics as weights: never updated, and shrunk by AdamW's decoupled decay), so
+``bl.hypergrad(mp.problem, ..., solver=bl.AdamW(...), params0=mp.params0())`` is right too.
 
 The inner and outer losses are
 
@@ -15,7 +18,7 @@ The inner and outer losses are
           f(w, \\lambda, (x, y)) = \\ell_{val}(m_w^{eval}(x), y, \\lambda)
 
 with m_w the module called through ``torch.func.functional_call`` on the parameters w (in
-train mode for g, in eval mode for f unless ``outer_mode="train"``).
+train mode for g; for f in train mode by default, in eval mode with ``outer_mode="eval"``).
 
 **Parameters** are the pytree ``{"params": {name: tensor}, "buffers": {name: tensor}}``. The
 solver only moves ``params``; ``buffers`` are carried along the trajectory beside them.
@@ -35,9 +38,17 @@ training, but functionally, so that every estimator and ``torch.func`` transform
   ``nn.BatchNorm``. Cost: one extra forward (no backward) per inner step.
 - the running statistics are constants for the hypergradient (a stop-gradient, as in torch,
   where BatchNorm's running-statistics update is not differentiable): every estimator then
-  differentiates the same function. With ``outer_mode="eval"`` (default) the path
-  λ → w → running statistics → f is dropped; ``outer_mode="train"`` evaluates f on batch
-  statistics, where no buffer enters and the hypergradient is the full derivative.
+  differentiates the same function.
+
+**outer_mode.** ``"train"`` (default) evaluates f with batch statistics of the outer batch:
+no buffer enters f, and every estimator returns the exact dF/dλ (central finite differences
+of F agree to 3e-10 on a Conv-BatchNorm net, float64). ``"eval"`` evaluates f as the deployed
+model does (running statistics), but its hypergradient drops the path
+λ → w_k → running statistics → f, so it is BIASED, increasingly with the horizon K: on a
+Conv-BatchNorm2d-Linear net (Momentum, Minibatches of 6, float64) against central finite
+differences of the true eval-mode F it is off by 5.2 % / 1.5 % (decay / learning rate) at
+K = 5, 32 % / 13 % at K = 20 and 900 % / 73 % at K = 50 (cosine 0.99999, 0.987, 0.997). In
+train mode BatchNorm needs more than one value per channel in the outer batch.
 
 Buffers of other modules are passed read-only. Modules that mutate buffers in ways this module
 does not reproduce (InstanceNorm with ``track_running_stats``) and dropout (a random mask that
@@ -104,7 +115,22 @@ def _check_model(model: nn.Module) -> None:
         raise BilevelError("the model has no parameters to train")
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
+class ModuleBilevelProblem(BilevelProblem):
+    """The :class:`bilevel.BilevelProblem` of a :class:`ModuleProblem` (``mp.problem``).
+
+    :func:`bilevel.hypergrad` and :func:`bilevel.solve` call :meth:`adapt_solver` on the solver
+    they are given, so that a plain solver moves the weights only and the buffers follow the
+    inner loop as in train mode."""
+
+    module: ModuleProblem | None = field(default=None, repr=False)
+
+    def adapt_solver(self, solver: InnerSolver) -> ModuleSolver:
+        """``solver`` as :meth:`ModuleProblem.solver` wraps it (a wrapped one is kept)."""
+        return self.module._wrap(solver)
+
+
+@dataclass(eq=False)
 class ModuleProblem:
     """A :class:`bilevel.BilevelProblem` over an ``nn.Module``'s weights; see the module doc.
 
@@ -112,13 +138,16 @@ class ModuleProblem:
     model output on a batch ``(inputs, target)``; ``regularizer(params, hparams)`` (optional)
     is added to the inner loss with ``params = {name: tensor}`` of the model's parameters
     (per-layer weight decay: ``lambda p, h: sum(h[k].exp() * p[k].pow(2).sum() for k in h)``).
+    ``outer_mode="train"`` (default: exact hypergradient) or ``"eval"`` (f on the running
+    statistics; hypergradient biased, 5 % at K = 5 to 900 % at K = 50 steps on a BatchNorm
+    convnet: see the module doc).
     """
 
     model: nn.Module
     train_loss: OutputLoss
     val_loss: OutputLoss
     regularizer: Callable[[dict, PyTree], torch.Tensor] | None = None
-    outer_mode: str = "eval"
+    outer_mode: str = "train"
     problem: BilevelProblem = field(init=False)
 
     def __post_init__(self) -> None:
@@ -133,7 +162,7 @@ class ModuleProblem:
         if self.outer_mode not in ("eval", "train"):
             raise BilevelError(f"module_problem(outer_mode=...) must be 'eval' or 'train', got "
                                f"{self.outer_mode!r}")
-        self.problem = BilevelProblem(self._inner_loss, self._outer_loss)
+        self.problem = ModuleBilevelProblem(self._inner_loss, self._outer_loss, module=self)
 
     # -- parameters ---------------------------------------------------------------------------
     def params0(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -189,7 +218,8 @@ class ModuleProblem:
         return self.solver(solver)
 
     def forward(self, params: PyTree, inputs: Any, train: bool = False) -> torch.Tensor:
-        """``model(inputs)`` at ``params`` (train mode: batch statistics, no buffer written)."""
+        """``model(inputs)`` at ``params``, in eval mode by default (train mode: batch
+        statistics, no buffer written)."""
         self._check_tree(params, "params")
         mapping = dict(params["params"])
         running = _running_bn(self.model)
@@ -317,8 +347,13 @@ class ModuleSolver(InnerSolver):
 
 def module_problem(model: nn.Module, train_loss: OutputLoss, val_loss: OutputLoss, *,
                    regularizer: Callable[[dict, PyTree], torch.Tensor] | None = None,
-                   outer_mode: str = "eval") -> ModuleProblem:
+                   outer_mode: str = "train") -> ModuleProblem:
     """A bilevel problem over ``model``'s weights (see :mod:`bilevel.modules`).
+
+    ``outer_mode="train"`` (default): the outer loss uses batch statistics and the
+    hypergradient is exact; ``"eval"``: running statistics, hypergradient biased (the path
+    λ → w → running statistics → f is dropped; 5.2 % / 1.5 % off at K = 5 steps, 32 % / 13 % at
+    K = 20 on a BatchNorm convnet vs finite differences).
 
     Use ``mp.problem`` as the problem, ``mp.params0()`` as the start point,
     ``mp.solver(base)`` as the solver, ``mp.write_back(res.params)`` to load the result into

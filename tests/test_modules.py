@@ -107,9 +107,11 @@ def test_estimators_agree_on_a_module_problem(estimator):
 
 
 def test_unrolled_matches_finite_differences_train_mode():
-    """outer_mode='train': no buffer enters f, so the hypergradient is the full derivative."""
+    """outer_mode='train' (the default): no buffer enters f, so the hypergradient is the full
+    derivative."""
     model = convnet()
-    mp = bl.module_problem(model, train_loss, val_loss, regularizer=reg, outer_mode="train")
+    mp = bl.module_problem(model, train_loss, val_loss, regularizer=reg)
+    assert mp.outer_mode == "train"
     solver = mp.solver(bl.GradientDescent(lr=0.1, steps=2))
     res = bl.hypergrad(mp.problem, HP, BATCHES[2], VAL, solver=solver, params0=mp.params0())
 
@@ -218,3 +220,48 @@ def test_vmap_over_inner_batches_updates_batched_buffers():
         gi, rvi = one(xs[i], ys[i])
         torch.testing.assert_close(g[i], gi, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(rv[i], rvi, rtol=1e-12, atol=1e-13)
+
+
+def test_plain_solver_with_mp_problem_is_wrapped():
+    """bl.hypergrad / bl.solve on mp.problem with a PLAIN solver wrap it as mp.solver(base)
+    does: the buffers follow the inner loop (not treated as weights, not decayed by AdamW)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).to(DT)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, generator=g, dtype=DT) + 2.0, torch.randint(0, 2, (16,), generator=g)
+    mp = bl.module_problem(model, lambda o, t, h: CE(o, t) * h["s"].exp(),
+                           lambda o, t, h: CE(o, t))
+    assert isinstance(mp.problem, bl.ModuleBilevelProblem)
+    h = {"s": torch.tensor(0.2, dtype=DT)}
+    base = bl.AdamW(0.01, 4, weight_decay=0.5)
+    plain = bl.hypergrad(mp.problem, h, (x, y), (x, y), solver=base, params0=mp.params0())
+    wrapped = bl.hypergrad(mp.problem, h, (x, y), (x, y), solver=mp.solver(base),
+                           params0=mp.params0())
+    for a, b in zip(bl.pytree.tree_leaves(plain.params), bl.pytree.tree_leaves(wrapped.params)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(plain.grad["s"], wrapped.grad["s"], rtol=0, atol=0)
+    # = torch.optim.AdamW on the model in train mode (BatchNorm updating its buffers in place,
+    # the optimiser seeing the parameters only)
+    ref = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=0.5)
+    for _ in range(4):
+        opt.zero_grad()
+        (CE(ref(x), y) * h["s"].exp()).backward()
+        opt.step()
+    for k, v in ref.named_parameters():
+        torch.testing.assert_close(plain.params["params"][k], v.detach(), rtol=1e-12, atol=1e-14)
+    for k, v in ref.named_buffers():
+        torch.testing.assert_close(plain.params["buffers"][k], v.to(DT), rtol=1e-12, atol=1e-14)
+    assert float(plain.params["buffers"]["1.num_batches_tracked"]) == 4.0
+    w = bl.solve(mp.problem, h, (x, y), solver=base, params0=mp.params0())
+    torch.testing.assert_close(w["buffers"]["1.running_var"],
+                               wrapped.params["buffers"]["1.running_var"], rtol=0, atol=0)
+    # the solver state is the weights' state alone, and continues a wrapped run
+    res2 = bl.hypergrad(mp.problem, h, (x, y), (x, y), solver=base, params0=plain.params,
+                        state0=wrapped.state)
+    assert float(res2.params["buffers"]["1.num_batches_tracked"]) == 8.0
+    other = bl.module_problem(copy.deepcopy(model), val_loss, val_loss)
+    with pytest.raises(bl.BilevelError, match="another"):
+        bl.hypergrad(mp.problem, h, (x, y), (x, y), solver=other.solver(base),
+                     params0=mp.params0())
+    with pytest.raises(bl.BilevelError, match="plain inner solver"):
+        bl.solve(mp.problem, h, (x, y), solver="adam", params0=mp.params0())

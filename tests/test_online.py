@@ -235,7 +235,7 @@ def test_online_module_problem_with_batchnorm_equals_hand_loop():
     # bl.Online on the module problem
     model = convnet()
     mp = bl.module_problem(model, lambda o, y, h: ce(o, y), lambda o, y, h: ce(o, y),
-                           regularizer=reg)
+                           regularizer=reg, outer_mode="eval")  # the hand loop's model.eval()
     h = {"wd": torch.tensor(-2.0, dtype=DT, requires_grad=True)}
     hopt = torch.optim.SGD(h.values(), lr=0.5)
     tuner = bl.Online(mp, h, solver=bl.GradientDescent(lr=lr, steps=K))
