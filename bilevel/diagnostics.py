@@ -18,23 +18,31 @@ and ``.sum()`` counts the problems that met it). The kinds:
 - ``neumann_diverging``: the Neumann series' last term outgrew its first (α > 2/λ_max(H)).
 - ``not_stationary``: Implicit's ‖∇_w g(w_K)‖ > rtol·‖∇_w g(w_0)‖ (set by the estimator).
 
-Warnings are rate-limited per estimator and kind, not per process: the n-th occurrence of a
-kind for an estimator is shown when n is 1, 10, 100, ... (with n in the message), so a problem
-that keeps happening resurfaces and one kind never uses up another's slot. Estimators with the
-same configuration share their counts (equal ``repr``), so a training loop that builds a fresh
-``bl.Implicit(...)`` at every step is still rate-limited; :func:`reset_warnings` re-arms all.
+Warnings are rate-limited per (estimator configuration, problem, kind), not per process: the
+n-th occurrence is shown when n is 1, 10, 100, ... (with n in the message), so a problem that
+keeps happening resurfaces and one kind never uses up another's slot. Estimators with the same
+configuration share their counts (equal ``repr``), and a problem is identified by the code of
+its loss functions and init (a bound method: its function and instance), so a training loop that
+builds a fresh ``bl.Implicit(...)`` or a fresh ``BilevelProblem`` of the same functions at every
+step is still rate-limited, while an unrelated problem's first occurrence is shown;
+:func:`reset_warnings` re-arms all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import warnings
 
 import torch
 
 from .linsolve import concrete_bool
 
-_COUNTS: dict[tuple[str, str], int] = {}
+_COUNTS: dict[tuple, int] = {}
+_PROBLEM: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("bilevel_problem",
+                                                                        default=None)
 
 KINDS = ("diverging", "linsolve_breakdown", "linsolve_residual", "neumann_diverging",
          "not_stationary")
@@ -56,13 +64,42 @@ def owner_key(owner: object) -> str:
     return f"{type(owner).__name__}@{id(owner):x}"
 
 
+def _fn_key(fn: object) -> object:
+    """What identifies a loss function across re-creations: its code (closures made by one
+    factory share it), for a bound method its function and instance, for a partial its func."""
+    if isinstance(fn, functools.partial):
+        return ("partial", _fn_key(fn.func))
+    self = getattr(fn, "__self__", None)
+    func = getattr(fn, "__func__", fn)
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return type(fn).__qualname__ if fn is not None else None
+    return (code, id(self)) if self is not None else code
+
+
+def problem_key(problem: object) -> tuple:
+    """The counter key of a problem: ``_fn_key`` of its inner loss, outer loss and init."""
+    return tuple(_fn_key(getattr(problem, name, None))
+                 for name in ("inner_loss", "outer_loss", "init"))
+
+
+@contextlib.contextmanager
+def problem_scope(problem: object):
+    """Warnings raised inside are counted for ``problem`` (see the module docstring)."""
+    token = _PROBLEM.set(problem_key(problem))
+    try:
+        yield
+    finally:
+        _PROBLEM.reset(token)
+
+
 def warn(owner: object, kind: str, message: str, category=RuntimeWarning,
          stacklevel: int = 4) -> None:
     """Show occurrence n of (owner, kind) when n ∈ {1, 10, 100, ...}; every time without owner."""
     if owner is None:
         warnings.warn(message, category, stacklevel=stacklevel)
         return
-    key = (owner_key(owner), kind)
+    key = (owner_key(owner), _PROBLEM.get(), kind)
     n = _COUNTS.get(key, 0) + 1
     _COUNTS[key] = n
     if str(n).strip("0") == "1":  # 1, 10, 100, ...

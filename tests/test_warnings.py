@@ -279,6 +279,31 @@ def test_rate_limit_per_estimator_and_kind_with_fresh_estimators():
     assert seen_all[1].endswith(suffix("neumann_diverging", est, 10))
 
 
+def test_rate_limits_are_per_problem_too():
+    """Review defect 8: two unrelated problems, each with a fresh (equal) estimator: problem B's
+    first divergence is shown. A loop building a fresh estimator AND a fresh BilevelProblem of
+    the same functions every step is still rate-limited (occurrences 1 and 10 of 12)."""
+    prob_a, data, L = ridge()
+    prob_b = bl.BilevelProblem(lambda w, h, b: 3 * ((b[0] @ w - b[1]) ** 2).mean()
+                               + h["decay"] * (w * w).sum(), lambda w, h, b: w.sum())
+    diverge = dict(solver=bl.GradientDescent(2.3 / (L + 0.1), 24), params0=W0)
+    res_a, seen_a = record(lambda: bl.hypergrad(prob_a, H, data, None, estimator=bl.Unrolled(),
+                                                **diverge))
+    res_b, seen_b = record(lambda: bl.hypergrad(prob_b, H, data, None, estimator=bl.Unrolled(),
+                                                **diverge))
+    assert bool(res_a.info["warnings/diverging"]) and bool(res_b.info["warnings/diverging"])
+    assert len(seen_a) == 1 and len(seen_b) == 1
+    assert seen_b[0].endswith(suffix("diverging", bl.Unrolled()))
+    seen_all = []
+    for _ in range(12):
+        fresh = bl.BilevelProblem(prob_a.inner_loss, prob_a.outer_loss)
+        _, seen = record(lambda fresh=fresh: bl.hypergrad(fresh, H, data, None,
+                                                          estimator=bl.Unrolled(), **diverge))
+        seen_all += seen
+    # occurrence 1 was problem A's above; this loop makes occurrences 2..13: 10 is shown
+    assert len(seen_all) == 1 and seen_all[0].endswith(suffix("diverging", bl.Unrolled(), 10))
+
+
 def test_flags_under_vmap_count_the_problems():
     prob, data, L = ridge()
     alpha = 2.0 / (L + 10.0)  # diverges for decay 10 (λ_max = L + 20), not for decay 0
