@@ -3,8 +3,6 @@ float gives a float64 tangent; ForwardMode casts tangents back to the primal dty
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -23,9 +21,7 @@ def test_float32_forward_mode_matches_unrolled_on_a_half_decay_term(solver):
     if not isinstance(solver, bl.Momentum):
         del h["mu"]
     kw = dict(solver=solver, params0=torch.zeros(3))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        fwd = bl.hypergrad(prob, h, (X, y), (X, y), estimator=bl.ForwardMode(), **kw)
+    fwd = bl.hypergrad(prob, h, (X, y), (X, y), estimator=bl.ForwardMode(), **kw)
     rev = bl.hypergrad(prob, h, (X, y), (X, y), estimator=bl.Unrolled(), **kw)
     for key in h:
         assert fwd.grad[key].dtype == torch.float32

@@ -19,6 +19,8 @@ cast back to the primal dtype: torch 2.13's jvp of a 0-d float32 tensor times a 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,20 @@ from ..problem import BilevelError, HypergradResult
 from ..pytree import tree_basis, tree_detach, tree_from_vector, tree_leaves, tree_map, tree_numel
 from ..unroll import outer_value, run, stack_losses, start_carry, state_out
 from .base import Estimator, warn_once
+
+
+@functools.cache
+def _quiet_jvp_import() -> None:
+    """torch's first jvp imports its jvp decompositions, whose ``torch.jit.script`` calls emit
+    ~18 "torch.jit.script is deprecated" DeprecationWarnings (torch internals, nothing the user
+    can act on): import them once with only that message filtered."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                                category=DeprecationWarning)
+        try:
+            import torch._decomp.decompositions_for_jvp  # noqa: F401
+        except ImportError:  # another torch version: nothing to quieten
+            pass
 
 
 class _TangentAsPrimal(torch.autograd.Function):
@@ -90,6 +106,7 @@ class ForwardMode(Estimator):
                  state0=None):
         # per-step batches are drawn once, here, outside the vmap over tangents (a PerStep fn
         # then need not be vmap-safe, and every tangent sees the same batches)
+        _quiet_jvp_import()
         inner = [batch_at(inner_batch, k) for k in range(solver.steps)]
         outer = batch_at(outer_batch, 0)
         if any(x.dtype != torch.float64 for x in tree_leaves((hparams, params0))
