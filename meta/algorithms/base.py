@@ -101,7 +101,7 @@ import bilevel as bl
 
 from ..models import params_of
 from ..tasks import TaskBatch
-from .checks import check_batch
+from .checks import check_batch, check_labels
 from .functional_model import FunctionalModel
 from .head_only import FEAT_Q, FEAT_S, HeadSplit
 
@@ -369,11 +369,13 @@ class MetaLearner:
         if check or not self._checked:
             self._consts = self.constants()
             hparams = self.hparams()
-            check_batch(self, batch, hparams)
+            self._ways = check_batch(self, batch, hparams)
             if self.split is not None and self.cache_features:
                 self.split.check({**self._consts, **hparams}, batch.support[0][0],
                                  self.device)
             self._checked = True
+        elif getattr(self, "_ways", None) is not None:  # every later batch: labels in range
+            check_labels(batch, self._ways)
         return batch
 
     def _prepare_split(self, split: Split) -> Split:
