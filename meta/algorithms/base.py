@@ -98,6 +98,7 @@ from torch.func import vmap
 from torch.utils._pytree import tree_map
 
 import bilevel as bl
+from bilevel.diagnostics import problem_scope
 
 from ..models import params_of
 from ..tasks import TaskBatch
@@ -432,7 +433,8 @@ class MetaLearner:
         hparams = self.hparams() if hparams is None else hparams
         if self.use_vmap():
             res = self._vmap(lambda task: self.task_hypergrad(hparams, task, check=False))(batch)
-            bl.check_result(res, strict=True, owner=self.estimator)
+            with problem_scope(self.problem(True)):  # counted as the looped calls are
+                bl.check_result(res, strict=True, owner=self.estimator)
             return res
         return _stack([self.task_hypergrad(hparams, batch.task(i))
                        for i in self._tasks(batch.num_tasks)])
