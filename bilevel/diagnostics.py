@@ -4,32 +4,45 @@ Every call of :func:`bilevel.hypergrad` adds ``res.info["warnings/<kind>"]``: a 
 True where the call met that problem (tensor ops only, so under ``vmap`` it comes back batched
 and ``.sum()`` counts the problems that met it). The kinds:
 
-- ``diverging``: the inner loss trace ℓ_0..ℓ_{K−1} grows. With q = ⌈K/4⌉, a = ℓ_{0:q},
-  z = ℓ_{K−q:K}: mean(z) > mean(a) + ½|mean(a)| + 3·std(a). Averaging a quarter of the trace
-  and the margin keep minibatch noise from tripping it; a real divergence (loss ×10) does.
+- ``diverging``: the inner loss trace ℓ_0..ℓ_{K−1} grows: a rank trend test (which i.i.d.
+  minibatch noise, however heavy-tailed, trips with probability < 3·10⁻⁴) and a margin. With
+  m_1..m_n the trace (n = K) or, for K > 64, the means of n = 64 equal bins of its end;
+  S = Σ_{i<j} sign(m_j − m_i) (Mann–Kendall), σ_S² = n(n−1)(2n+5)/18; ā, z̄ the means of the
+  first and last ⌈K/4⌉ losses:
+  diverging ⇔ [S/σ_S > 3.5 and z̄ > ā + ½|ā|] or [ℓ strictly increasing, K ≥ 3 and
+  ℓ_{K−1} − ℓ_0 > 10³·|ℓ_0|]. S is distribution-free under i.i.d. noise; S/σ_S can exceed 3.5
+  only for n ≥ 9, so shorter traces warn only on an explosive (×10³, monotone) growth.
 - ``linsolve_breakdown``: CG met curvature p·Hp ≤ 0 (singular or indefinite inner Hessian).
 - ``linsolve_residual``: CG ended above the usable relative residual ``CG.warn_rtol``
   (default 1e-3, the same in float32 and float64) without a breakdown.
 - ``neumann_diverging``: the Neumann series' last term outgrew its first (α > 2/λ_max(H)).
 - ``not_stationary``: Implicit's ‖∇_w g(w_K)‖ > rtol·‖∇_w g(w_0)‖ (set by the estimator).
 
-Warnings are rate-limited per estimator and kind, not per process: the n-th occurrence of a
-kind for an estimator is shown when n is 1, 10, 100, ... (with n in the message), so a problem
-that keeps happening resurfaces and one kind never uses up another's slot. Estimators with the
-same configuration share their counts (equal ``repr``), so a training loop that builds a fresh
-``bl.Implicit(...)`` at every step is still rate-limited; :func:`reset_warnings` re-arms all.
+Warnings are rate-limited per (estimator configuration, problem, kind), not per process: the
+n-th occurrence is shown when n is 1, 10, 100, ... (with n in the message), so a problem that
+keeps happening resurfaces and one kind never uses up another's slot. Estimators with the same
+configuration share their counts (equal ``repr``), and a problem is identified by the code of
+its loss functions and init (a bound method: its function and instance), so a training loop that
+builds a fresh ``bl.Implicit(...)`` or a fresh ``BilevelProblem`` of the same functions at every
+step is still rate-limited, while an unrelated problem's first occurrence is shown;
+:func:`reset_warnings` re-arms all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import warnings
 
 import torch
 
 from .linsolve import concrete_bool
 
-_COUNTS: dict[tuple[str, str], int] = {}
+_COUNTS: dict[tuple, int] = {}
+_PROBLEM: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("bilevel_problem",
+                                                                        default=None)
 
 KINDS = ("diverging", "linsolve_breakdown", "linsolve_residual", "neumann_diverging",
          "not_stationary")
@@ -51,13 +64,42 @@ def owner_key(owner: object) -> str:
     return f"{type(owner).__name__}@{id(owner):x}"
 
 
+def _fn_key(fn: object) -> object:
+    """What identifies a loss function across re-creations: its code (closures made by one
+    factory share it), for a bound method its function and instance, for a partial its func."""
+    if isinstance(fn, functools.partial):
+        return ("partial", _fn_key(fn.func))
+    self = getattr(fn, "__self__", None)
+    func = getattr(fn, "__func__", fn)
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return type(fn).__qualname__ if fn is not None else None
+    return (code, id(self)) if self is not None else code
+
+
+def problem_key(problem: object) -> tuple:
+    """The counter key of a problem: ``_fn_key`` of its inner loss, outer loss and init."""
+    return tuple(_fn_key(getattr(problem, name, None))
+                 for name in ("inner_loss", "outer_loss", "init"))
+
+
+@contextlib.contextmanager
+def problem_scope(problem: object):
+    """Warnings raised inside are counted for ``problem`` (see the module docstring)."""
+    token = _PROBLEM.set(problem_key(problem))
+    try:
+        yield
+    finally:
+        _PROBLEM.reset(token)
+
+
 def warn(owner: object, kind: str, message: str, category=RuntimeWarning,
          stacklevel: int = 4) -> None:
     """Show occurrence n of (owner, kind) when n ∈ {1, 10, 100, ...}; every time without owner."""
     if owner is None:
         warnings.warn(message, category, stacklevel=stacklevel)
         return
-    key = (owner_key(owner), kind)
+    key = (owner_key(owner), _PROBLEM.get(), kind)
     n = _COUNTS.get(key, 0) + 1
     _COUNTS[key] = n
     if str(n).strip("0") == "1":  # 1, 10, 100, ...
@@ -77,14 +119,40 @@ def quarter_means(trace: torch.Tensor):
     return first.mean(-1), first.std(-1, correction=0), last.mean(-1)
 
 
+_TREND_Z = 3.5
+_BINS = 64
+
+
+def trend_z(trace: torch.Tensor) -> torch.Tensor:
+    """Mann–Kendall S/σ_S of the trace (last dim; the means of 64 bins of its end if longer)."""
+    k = trace.shape[-1]
+    if k > _BINS:
+        m = k // _BINS
+        trace = trace[..., k - m * _BINS:].reshape(*trace.shape[:-1], _BINS, m).mean(-1)
+    n = trace.shape[-1]
+    pairs = torch.sign(trace[..., None, :] - trace[..., :, None])  # [i, j] = sign(m_j − m_i)
+    s = torch.triu(pairs, diagonal=1).sum((-2, -1))
+    return s / (n * (n - 1) * (2 * n + 5) / 18) ** 0.5
+
+
+def diverging(trace: torch.Tensor) -> torch.Tensor:
+    """The ``diverging`` rule of the module docstring (tensor ops only: vmap-safe)."""
+    a, _, z = quarter_means(trace)
+    trend = (trend_z(trace) > _TREND_Z) & (z > a + 0.5 * a.abs())
+    if trace.shape[-1] < 3:
+        return trend
+    first, last = trace[..., 0], trace[..., -1]
+    explosive = (trace.diff(dim=-1) > 0).all(-1) & (last - first > 1e3 * first.abs())
+    return trend | explosive
+
+
 def flags(result) -> dict[str, torch.Tensor]:
     """``{"warnings/<kind>": bool tensor}`` for the kinds this result can show (vmap-safe)."""
     info = result.info
     out = {}
     trace = info.get("inner_loss")
     if trace is not None and trace.shape[-1] >= 2:
-        a, spread, z = quarter_means(trace)
-        out["warnings/diverging"] = z > a + 0.5 * a.abs() + 3 * spread
+        out["warnings/diverging"] = diverging(trace)
     if "linsolve_breakdown" in info:
         out["warnings/linsolve_breakdown"] = info["linsolve_breakdown"]
     if "linsolve_usable" in info:

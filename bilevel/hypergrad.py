@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .autodiff import _transform_active as transform_active
-from .diagnostics import flags, warn_flags
+from .diagnostics import flags, problem_scope, warn_flags
 from .estimators import Estimator, Unrolled
 from .linsolve import concrete_bool
 from .problem import BilevelError, BilevelProblem, HypergradResult, check_floating
@@ -66,14 +66,15 @@ def hypergrad(problem: BilevelProblem, hparams: PyTree, inner_batch: Any = None,
     if top:  # no graph into the caller's tensors: res.grad is a plain tensor
         hparams, params0, state0 = tree_detach(hparams), tree_detach(params0), \
             tree_detach(state0)
-    estimator.validate(problem, solver, hparams)
-    result = estimator(problem, solver, hparams, inner_batch, outer_batch, params0, state0)
-    result.info.update(flags(result))
-    result.state = state_out(result.state)  # tensors only (vmap returns it, results stack)
-    if top:
-        result = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, result)
-    if check:
-        _check_result(result, False, estimator)
+    with problem_scope(problem):  # warnings are counted per estimator configuration and problem
+        estimator.validate(problem, solver, hparams)
+        result = estimator(problem, solver, hparams, inner_batch, outer_batch, params0, state0)
+        result.info.update(flags(result))
+        result.state = state_out(result.state)  # tensors only (vmap returns it, results stack)
+        if top:
+            result = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, result)
+        if check:
+            _check_result(result, False, estimator)
     return result
 
 

@@ -96,14 +96,37 @@ def check_floating(tree: PyTree, what: str) -> None:
                                f"must be floating tensors to be differentiable")
 
 
+def describe_leaves(what: str, tree: PyTree, limit: int = 8) -> str:
+    """``params['w'], params['b']`` (the first ``limit``), or ``params (a single tensor)``."""
+    pairs = tree_paths(tree)
+    if len(pairs) == 1 and pairs[0][0] == "":
+        return f"{what} (a single tensor)"
+    names = [f"{what}{p}" for p, _ in pairs[:limit]]
+    more = f" and {len(pairs) - limit} more" if len(pairs) > limit else ""
+    return (", ".join(names) + more) if names else f"{what} (empty)"
+
+
 def call_loss(fn: Loss, name: str, params: PyTree, hparams: PyTree, batch: Any) -> torch.Tensor:
-    """Evaluate a loss, turning structure mismatches and non-scalar outputs into clear errors."""
+    """Evaluate a loss, turning structure mismatches and non-scalar outputs into clear errors.
+
+    A ``KeyError`` (a params/hparams lookup) is reported as a structure mismatch, naming the
+    leaves; an ``IndexError``/``AttributeError`` is re-raised as :class:`BilevelError` naming
+    the loss, without that hint (it may come from the batch or the loss itself); any other
+    error keeps its type and gets a note naming the loss."""
     try:
         out = fn(params, hparams, batch)
-    except (KeyError, IndexError, AttributeError) as e:
-        keys = [p for p, _ in tree_paths(params)]
-        raise BilevelError(f"{name} failed on params with leaves {keys}: {type(e).__name__}: {e}. "
-                           f"Does params0/init(hparams) have the structure {name} expects?") from e
+    except KeyError as e:
+        raise BilevelError(f"{name} failed with KeyError: {e} on params with leaves "
+                           f"{describe_leaves('params', params)} and hparams with leaves "
+                           f"{describe_leaves('hparams', hparams)}. Do params0/init(hparams) "
+                           f"and hparams have the structure {name} expects?") from e
+    except (IndexError, AttributeError) as e:
+        raise BilevelError(f"{name}(params, hparams, batch) raised {type(e).__name__}: {e}") \
+            from e
+    except Exception as e:
+        if hasattr(e, "add_note") and not isinstance(e, BilevelError):
+            e.add_note(f"(raised in {name}(params, hparams, batch))")
+        raise
     if not isinstance(out, torch.Tensor):
         raise BilevelError(f"{name} returned {type(out).__name__}, expected a scalar tensor")
     if out.dim() != 0:

@@ -42,10 +42,44 @@ def test_non_float_params0_is_rejected():
 def test_mismatched_structure_names_the_leaves():
     prob = bl.BilevelProblem(lambda p, h, b: ((p["w"] - h["x"]) ** 2).sum(),
                              lambda p, h, b: p["w"].sum())
-    with pytest.raises(bl.BilevelError, match=r"inner_loss failed on params with leaves "
-                                              r"\[\"\['weight'\]\"\]"):
+    with pytest.raises(bl.BilevelError) as err:
         bl.hypergrad(prob, {"x": torch.ones(2)}, solver=bl.GradientDescent(0.1, 2),
                      params0={"weight": torch.zeros(2)})
+    assert str(err.value) == ("inner_loss failed with KeyError: 'w' on params with leaves "
+                              "params['weight'] and hparams with leaves hparams['x']. Do "
+                              "params0/init(hparams) and hparams have the structure inner_loss "
+                              "expects?")
+    prob = bl.BilevelProblem(lambda p, h, b: (p * h["y"]).sum() ** 2, lambda p, h, b: p.sum())
+    with pytest.raises(bl.BilevelError) as err:  # a single-tensor params: no [''] list
+        bl.hypergrad(prob, {"x": torch.ones(2)}, solver=bl.GradientDescent(0.1, 2),
+                     params0=torch.zeros(2))
+    assert str(err.value) == ("inner_loss failed with KeyError: 'y' on params with leaves "
+                              "params (a single tensor) and hparams with leaves hparams['x']. "
+                              "Do params0/init(hparams) and hparams have the structure "
+                              "inner_loss expects?")
+
+
+def test_an_index_error_in_the_loss_gets_no_structure_hint():
+    """Review defect 6: labels out of range for a 3-class head are the loss's own IndexError,
+    not a params structure problem."""
+    X, y = torch.randn(6, 4, dtype=DT), torch.tensor([0, 1, 2, 3, 4, 5])
+    ce = torch.nn.functional.cross_entropy
+    prob = bl.BilevelProblem(lambda w, h, b: ce(b[0] @ w, b[1]) + h["l"] * (w ** 2).sum(),
+                             lambda w, h, b: ce(b[0] @ w, b[1]))
+    with pytest.raises(bl.BilevelError) as err:
+        bl.hypergrad(prob, {"l": torch.tensor(0.1, dtype=DT)}, (X, y), (X, y),
+                     solver=bl.GradientDescent(0.1, 2), params0=torch.zeros(4, 3, dtype=DT))
+    assert str(err.value) == ("inner_loss(params, hparams, batch) raised IndexError: Target 3 "
+                              "is out of bounds.")
+    assert isinstance(err.value.__cause__, IndexError)
+    # any other error keeps its type (a RuntimeError stays one), with a note naming the loss
+    bad = bl.BilevelProblem(lambda w, h, b: (torch.ones(5, dtype=DT) @ w) * h["l"],
+                            lambda w, h, b: w.sum())
+    with pytest.raises(RuntimeError) as err:
+        bl.hypergrad(bad, {"l": torch.tensor(0.1, dtype=DT)}, solver=bl.GradientDescent(0.1, 2),
+                     params0=torch.zeros(4, dtype=DT))
+    if hasattr(err.value, "__notes__"):
+        assert "(raised in inner_loss(params, hparams, batch))" in err.value.__notes__
 
 
 def test_non_scalar_loss(maml):

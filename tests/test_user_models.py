@@ -458,6 +458,32 @@ def test_first_batch_errors(model, batch, error, message):
     assert str(exc.value) == message
 
 
+@pytest.mark.parametrize("vectorize", [False, True])
+@pytest.mark.parametrize("batch, error, message", [
+    (one_task_batch(ys=torch.arange(5, 8).repeat(2, 1)), ValueError,
+     "the support labels of task 0 are [5, 6, 7]: labels must lie in [0, 3) (ways = 3, the "
+     "model's outputs); relabel each task's classes 0..ways-1"),
+    (one_task_batch(yq=torch.tensor([[0, 1, 2], [0, 1, 5]])), ValueError,
+     "the query labels of task 1 are [0, 1, 5]: labels must lie in [0, 3) (ways = 3, the "
+     "model's outputs); relabel each task's classes 0..ways-1"),
+    (one_task_batch(ys=torch.tensor([[0, 1, 2], [-1, 1, 2]])), ValueError,
+     "the support labels of task 1 are [-1, 1, 2]: labels must lie in [0, 3) (ways = 3, the "
+     "model's outputs); relabel each task's classes 0..ways-1"),
+    (one_task_batch(ys=torch.arange(WAYS).repeat(2, 1).double()), TypeError,
+     "the support labels have dtype torch.float64: cross-entropy needs integer class labels "
+     "0..ways-1 (torch.long)"),
+], ids=["labels-5..7", "query-label", "negative", "float-labels"])
+def test_a_later_batch_gets_the_first_batch_label_errors(batch, error, message, vectorize):
+    """Review defect 6: a bad SECOND batch got a misleading structure hint (loop) or torch's raw
+    'index 5 is out of bounds' (vmap); now the same message as on the first batch."""
+    learner = meta.MAML(Net("bn1d-running").to(DT), vectorize=vectorize)
+    learner.meta_step(one_task_batch())
+    with pytest.raises(error) as exc:
+        learner.meta_step(batch)
+    assert str(exc.value) == message
+    learner.meta_step(one_task_batch())  # the learner is still usable
+
+
 def test_regression_without_task_dim_is_refused_against_the_model():
     """[n, 1] inputs and [n, 1] targets look like n tasks of one example: the model maps a
     task's inputs [1] (rank 1) to [1], not [n, k]."""

@@ -10,19 +10,78 @@ all P directions at once with ``vmap`` over ``jvp`` (HVPs forward-over-reverse).
 independent of K (no trajectory is stored) but proportional to P (the number of hyperparameter
 elements, bounded by ``chunk_size``); cost ∝ P·K. The right tool for a handful of
 hyperparameters (learning rate, weight decay), not for MAML's millions.
+
+Below float64, every loss sees its ``params``/``hparams`` (and returns its value) with tangents
+cast back to the primal dtype: torch 2.13's jvp of a 0-d float32 tensor times a Python float
+(``0.5 * h["decay"]``) gives a float64 tangent, which the next matmul would refuse.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import warnings
 from dataclasses import dataclass
 
+import torch
 from torch.func import jvp, vmap
 
 from ..data import PerStep, batch_at
 from ..problem import BilevelError, HypergradResult
-from ..pytree import tree_basis, tree_detach, tree_from_vector, tree_map, tree_numel
+from ..pytree import tree_basis, tree_detach, tree_from_vector, tree_leaves, tree_map, tree_numel
 from ..unroll import outer_value, run, stack_losses, start_carry, state_out
 from .base import Estimator, warn_once
+
+
+@functools.cache
+def _quiet_jvp_import() -> None:
+    """torch's first jvp imports its jvp decompositions, whose ``torch.jit.script`` calls emit
+    ~18 "torch.jit.script is deprecated" DeprecationWarnings (torch internals, nothing the user
+    can act on): import them once with only that message filtered."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                                category=DeprecationWarning)
+        try:
+            import torch._decomp.decompositions_for_jvp  # noqa: F401
+        except ImportError:  # another torch version: nothing to quieten
+            pass
+
+
+class _TangentAsPrimal(torch.autograd.Function):
+    """Identity whose forward-mode tangent is cast to the primal's dtype."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dtype = inputs[0].dtype
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent.to(ctx.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _cast_tangents(tree):
+    return tree_map(lambda x: _TangentAsPrimal.apply(x)
+                    if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree)
+
+
+def _dtype_safe(problem):
+    """``problem`` with losses whose inputs' and value's tangents keep the primal dtype."""
+    def wrap(loss):
+        def cast_loss(w, h, b):
+            return _TangentAsPrimal.apply(loss(_cast_tangents(w), _cast_tangents(h), b))
+        return cast_loss
+    return dataclasses.replace(problem, inner_loss=wrap(problem.inner_loss),
+                               outer_loss=wrap(problem.outer_loss))
 
 
 @dataclass
@@ -47,8 +106,12 @@ class ForwardMode(Estimator):
                  state0=None):
         # per-step batches are drawn once, here, outside the vmap over tangents (a PerStep fn
         # then need not be vmap-safe, and every tangent sees the same batches)
+        _quiet_jvp_import()
         inner = [batch_at(inner_batch, k) for k in range(solver.steps)]
         outer = batch_at(outer_batch, 0)
+        if any(x.dtype != torch.float64 for x in tree_leaves((hparams, params0))
+               if isinstance(x, torch.Tensor) and x.is_floating_point()):
+            problem = _dtype_safe(problem)
 
         def objective(h):
             carry = start_carry(problem, solver, h, params0, state0)

@@ -102,7 +102,7 @@ class Implicit(Estimator):
                  state0=None):
         const = tree_detach(hparams)
         carry = tree_detach(start_carry(problem, solver, const, params0, state0))
-        refuse_unread(self, problem, hparams, carry[0], inner_batch, outer_batch)
+        refuse_unread(self, problem, hparams, carry[0], inner_batch, outer_batch, solver, carry[1])
         norm0: list = []
         # ‖∇g(w_0)‖ from the solver's first step when that is the system's batch; otherwise
         # at_solution evaluates it on the system batch (the same function at w_0 and w_K)

@@ -1,9 +1,16 @@
 """Refuse hyperparameters an estimator cannot differentiate (before any inner step runs).
 
-The implicit hypergradient is ĝ = ∇_λ f(w*, λ) − ∇²_λw g(w*, λ) v: a leaf of λ that neither
-g nor f reads (an inner learning rate, a momentum: read by the solver only) gets exactly 0,
-whatever its true effect on w_K. The first-order estimator ĝ = ∇_λ f + (∂w_0/∂λ)ᵀ ∇_w f gives 0
-to a leaf that neither f nor init reads. Both are refused, naming the leaf.
+The implicit hypergradient is ĝ = ∇_λ f(w*, λ) − ∇²_λw g(w*, λ) v with w* = argmin_w g(w, λ):
+it differentiates the fixed point of the LOSSES only. So under Implicit/HistoryFree
+
+- a leaf that neither g nor f reads (only init(λ)) gets exactly 0, whatever its effect on w_K;
+- a leaf that the SOLVER reads is refused too, even if a loss reads it as well: the solver's
+  fixed point may not be argmin g (Adam's coupled weight_decay converges to
+  argmin g + wd/2‖w‖²), and where it is (a learning rate, a momentum, Adam's betas) it does not
+  depend on the leaf, so the IFT gives 0 for the solver's part of it.
+
+The first-order estimator ĝ = ∇_λ f + (∂w_0/∂λ)ᵀ ∇_w f gives 0 to a leaf that neither f nor
+init reads. All are refused, naming the leaf.
 
 Which leaves a function reads is decided structurally, not from values (a leaf whose gradient
 happens to be 0 at this point is still read):
@@ -25,7 +32,15 @@ from torch.overrides import TorchFunctionMode
 from ..autodiff import _transform_active
 from ..data import batch_at
 from ..problem import BilevelError, call_loss
-from ..pytree import PyTree, tree_detach, tree_flatten, tree_leaves, tree_paths, tree_unflatten
+from ..pytree import (
+    PyTree,
+    tree_detach,
+    tree_flatten,
+    tree_leaves,
+    tree_map,
+    tree_paths,
+    tree_unflatten,
+)
 
 
 class _Reads(TorchFunctionMode):
@@ -71,6 +86,24 @@ def unread_leaves(fn: Callable[[PyTree], Any], hparams: PyTree) -> list[str]:
     return [p for p, g in zip(paths, found, strict=True) if g is None]
 
 
+def solver_reads(solver, hparams: PyTree, w0: PyTree, state: PyTree, batch: Any) -> list[str]:
+    """Paths of the leaves of ``hparams`` that one ``solver.step`` reads (recorded structurally
+    as they enter a torch op), with a dummy gradient map ∇g ≡ 1 that reads no hyperparameter, so
+    the losses' reads are excluded. The step's output is discarded; the RNG is untouched."""
+    leaves, _ = tree_flatten(hparams)
+    paths = [p for p, _ in tree_paths(hparams)]
+    w0 = tree_detach(w0)
+    zero = torch.zeros(())  # made outside the recorder (even .dtype of a leaf is recorded)
+
+    def ones_grad(p, h, b):
+        return tree_map(torch.ones_like, p), zero
+
+    mode = _Reads(leaves)
+    with _rng_untouched(leaves), torch.no_grad(), mode:
+        solver.step(ones_grad, w0, state, hparams, batch)
+    return [p for i, p in enumerate(paths) if i in mode.seen]
+
+
 def _names(paths: list[str]) -> str:
     return ", ".join(f"hparams{p}" for p in paths)
 
@@ -94,28 +127,52 @@ def _key(problem, hparams: PyTree, *extra) -> tuple:
 
 
 def refuse_unread(est: object, problem, hparams: PyTree, w0: PyTree, inner_batch: Any,
-                  outer_batch: Any) -> None:
-    """Implicit/HistoryFree: every leaf must be read by g or f (evaluated at w_0, detached).
-    Checked once per estimator and (problem, hparams structure)."""
-    key = _key(problem, hparams)
+                  outer_batch: Any, solver=None, state: PyTree = None) -> None:
+    """Implicit/HistoryFree: every leaf must be read by g or f (evaluated at w_0, detached), and
+    none by the solver (one dummy step from (w_0, s_0)).
+    Checked once per estimator and (problem, solver, hparams structure)."""
+    key = _key(problem, hparams, None if solver is None else (type(solver), repr(solver)))
     if key in est.__dict__.get("_checked_reads", []):
         return
     w0 = tree_detach(w0)
+    name = type(est).__name__
+    by_solver = [] if solver is None or solver.steps == 0 else \
+        solver_reads(solver, hparams, w0, state, batch_at(inner_batch, 0))
 
     def losses(h):
         return (call_loss(problem.inner_loss, "inner_loss", w0, h, batch_at(inner_batch, 0)),
                 call_loss(problem.outer_loss, "outer_loss", w0, h, batch_at(outer_batch, 0)))
 
     unread = unread_leaves(losses, hparams)
+    if by_solver:
+        shared = [p for p in by_solver if p not in unread]
+        only = [p for p in by_solver if p in unread]
+        why = []
+        if shared:
+            why.append(f"{_names(shared)} is also read by a loss, but the solver's fixed point "
+                       f"may differ from argmin g (e.g. Adam's coupled weight_decay converges to "
+                       f"argmin g + wd/2‖w‖²), and the implicit hypergradient "
+                       f"∇_λf − ∇²_λw g·v sees only the losses' part of it")
+        if only:
+            why.append(f"no loss reads {_names(only)} (e.g. a learning rate or momentum): the "
+                       f"fixed point does not depend on it, so its implicit derivative is "
+                       f"exactly 0")
+        raise BilevelError(
+            f"{name} cannot differentiate {_names(by_solver)}: the inner solver "
+            f"{type(solver).__name__} reads it, and the implicit function theorem "
+            f"differentiates only the fixed point of the losses, w* = argmin_w g(w, λ); "
+            f"{'; '.join(why)}. Move the term into the inner loss (e.g. add "
+            f"wd/2·‖w‖² to g and set the solver's weight_decay=0), or differentiate the "
+            f"solver's steps: bl.Unrolled(), bl.Truncated(T) or bl.ForwardMode() (few "
+            f"hyperparameters)")
     if unread:
-        name = type(est).__name__
         raise BilevelError(
             f"{name} cannot differentiate {_names(unread)}: neither the inner nor the outer loss "
-            f"reads it (it only enters the solver, e.g. a learning rate or momentum, or "
-            f"init(hparams)), and the implicit hypergradient ∇_λf − ∇²_λw g·v is exactly 0 "
-            f"for such a leaf. Differentiate the solver's steps instead: bl.Unrolled(), "
-            f"bl.Truncated(T) or bl.ForwardMode() (few hyperparameters); for MAML-type problems "
-            f"add a proximal term (bl.proximal)")
+            f"reads it (e.g. it only enters init(hparams)), and the implicit hypergradient "
+            f"∇_λf − ∇²_λw g·v is exactly 0 for such a leaf (w* = argmin_w g does not depend on "
+            f"it). Differentiate the solver's steps instead: bl.Unrolled(), bl.Truncated(T) or "
+            f"bl.ForwardMode() (few hyperparameters); for MAML-type problems add a proximal "
+            f"term (bl.proximal)")
     _seen(est, key)
 
 

@@ -98,10 +98,11 @@ from torch.func import vmap
 from torch.utils._pytree import tree_map
 
 import bilevel as bl
+from bilevel.diagnostics import problem_scope
 
 from ..models import params_of
 from ..tasks import TaskBatch
-from .checks import check_batch
+from .checks import check_batch, check_labels
 from .functional_model import FunctionalModel
 from .head_only import FEAT_Q, FEAT_S, HeadSplit
 
@@ -369,11 +370,13 @@ class MetaLearner:
         if check or not self._checked:
             self._consts = self.constants()
             hparams = self.hparams()
-            check_batch(self, batch, hparams)
+            self._ways = check_batch(self, batch, hparams)
             if self.split is not None and self.cache_features:
                 self.split.check({**self._consts, **hparams}, batch.support[0][0],
                                  self.device)
             self._checked = True
+        elif getattr(self, "_ways", None) is not None:  # every later batch: labels in range
+            check_labels(batch, self._ways)
         return batch
 
     def _prepare_split(self, split: Split) -> Split:
@@ -430,7 +433,8 @@ class MetaLearner:
         hparams = self.hparams() if hparams is None else hparams
         if self.use_vmap():
             res = self._vmap(lambda task: self.task_hypergrad(hparams, task, check=False))(batch)
-            bl.check_result(res, strict=True, owner=self.estimator)
+            with problem_scope(self.problem(True)):  # counted as the looped calls are
+                bl.check_result(res, strict=True, owner=self.estimator)
             return res
         return _stack([self.task_hypergrad(hparams, batch.task(i))
                        for i in self._tasks(batch.num_tasks)])

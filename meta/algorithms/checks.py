@@ -12,6 +12,10 @@ of surfacing deep inside the inner loop:
 - cross-entropy labels: integer dtype, support and query labels of every task in
   ``[0, ways)`` (``ways`` = the model's outputs), and the support sets of the batch use every
   class (largest support label = ways − 1: a 10-output head on 5-way tasks is refused).
+
+Every LATER batch gets the label checks (:func:`check_labels`: dtype and range, one min/max of
+the small label tensors on the host, the task named only on failure) against the ``ways``
+found on the first, so a bad label never reaches the inner loop as a raw IndexError.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ..tasks import TaskBatch
 if TYPE_CHECKING:
     from .base import MetaLearner
 
-__all__ = ["check_batch", "describe"]
+__all__ = ["check_batch", "check_labels", "describe"]
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -56,8 +60,31 @@ def _no_task_dim(what: str, t: torch.Tensor) -> ValueError:
                       f"use batch.batched()")
 
 
-def check_batch(learner: MetaLearner, batch: TaskBatch, hparams) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the split, the task and the shapes."""
+def check_labels(batch: TaskBatch, ways: int) -> None:
+    """Cross-entropy labels of every task of both splits: integer, in ``[0, ways)``."""
+    for split, (_, y) in (("support", batch.support), ("query", batch.query)):
+        if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or \
+                y.dtype == torch.bool:
+            what = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
+            raise TypeError(f"the {split} labels have dtype {what}: cross-entropy needs "
+                            f"integer class labels 0..ways-1 (torch.long)")
+        if y.numel() == 0:
+            continue
+        flat = y.reshape(y.shape[0], -1) if y.dim() else y.reshape(1, 1)
+        low, high = flat.amin(-1).tolist(), flat.amax(-1).tolist()  # one transfer each
+        for i, (lo, hi) in enumerate(zip(low, high, strict=True)):
+            if lo < 0 or hi >= ways:
+                present = sorted(int(v) for v in torch.unique(flat[i]).tolist())
+                raise ValueError(f"the {split} labels of task {i} are {_labels(present)}: "
+                                 f"labels must lie in [0, {ways}) (ways = {ways}, the "
+                                 f"model's outputs); relabel each task's classes "
+                                 f"0..ways-1")
+
+
+def check_batch(learner: MetaLearner, batch: TaskBatch, hparams) -> int | None:
+    """Raise ``ValueError``/``TypeError`` naming the split, the task and the shapes. Returns
+    ``ways`` (the model's outputs) for a cross-entropy learner, for :func:`check_labels` on the
+    later batches; else None."""
     from .base import LOSSES
 
     builtin = LOSSES.get(learner.loss_name) is learner.loss_fn
@@ -106,7 +133,7 @@ def check_batch(learner: MetaLearner, batch: TaskBatch, hparams) -> None:
                         f"make the model return only that (e.g. out[0])")
     where = f"for the {n} support inputs {_shape(xs)} of task 0"
     if classify:
-        ys, yq = batch.support[1], batch.query[1]
+        ys = batch.support[1]
         seen = int(ys.max()) + 1  # the classes the support sets use: 0..seen-1
         if out.dim() != 2 or out.shape[0] != n:
             hint = ("flatten it (e.g. torch.flatten(out, 1) or nn.Flatten())"
@@ -117,14 +144,7 @@ def check_batch(learner: MetaLearner, batch: TaskBatch, hparams) -> None:
             raise ValueError(f"the model output has shape {_shape(out)} {where}; "
                              f"cross-entropy needs [n, ways] = [{n}, {ways}]: {hint}")
         ways = out.shape[1]
-        for split, y in (("support", ys), ("query", yq)):
-            for i in range(y.shape[0]):
-                present = sorted(int(v) for v in torch.unique(y[i]).tolist())
-                if present[0] < 0 or present[-1] >= ways:
-                    raise ValueError(f"the {split} labels of task {i} are {_labels(present)}: "
-                                     f"labels must lie in [0, {ways}) (ways = {ways}, the "
-                                     f"model's outputs); relabel each task's classes "
-                                     f"0..ways-1")
+        check_labels(batch, ways)
         if seen < ways:
             raise ValueError(f"the model output has shape {_shape(out)} {where}, but the "
                              f"support labels use {seen} classes (0..{seen - 1}): a {seen}-way "
@@ -135,3 +155,4 @@ def check_batch(learner: MetaLearner, batch: TaskBatch, hparams) -> None:
                          f"{_shape(ys0)}; MSE needs [n, k] outputs with n·k targets"
                          + ("; is the task dimension missing? TaskBatch inputs are "
                             "[tasks, n, ...]" if out.dim() < 2 or out.shape[0] != n else ""))
+    return out.shape[1] if classify else None
