@@ -74,9 +74,14 @@ class Implicit(Estimator):
     system_batch: Any = "last"
 
     def __post_init__(self) -> None:
-        if self.hvp not in ("auto", "forward", "reverse"):
-            raise BilevelError(f"Implicit(hvp=...) must be 'auto', 'forward' or 'reverse', got "
-                               f"{self.hvp!r}")
+        rtol = self.stationarity_rtol
+        if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float))
+                                 or not rtol > 0):
+            raise BilevelError(f"{type(self).__name__}(stationarity_rtol=...) must be None (no "
+                               f"check) or a positive float, got {rtol!r}")
+        if not isinstance(self.hvp, str) or self.hvp not in ("auto", "forward", "reverse"):
+            raise BilevelError(f"{type(self).__name__}(hvp=...) must be 'auto', 'forward' or "
+                               f"'reverse', got {self.hvp!r}")
         if not callable(self.linsolve):
             raise BilevelError("Implicit(linsolve=...) needs a linear solver such as "
                                "bl.CG(iters=20) or bl.Neumann(iters=20, alpha=0.1)")
