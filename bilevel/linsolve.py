@@ -48,9 +48,11 @@ class CG:
     """Conjugate gradients for (H + damping·I) v = b, H symmetric positive (semi-)definite.
 
     x ← x + α p, r ← r − α Ap, p ← r + β p with α = r·r / p·Ap, β = r⁺·r⁺ / r·r.
-    Returns the BEST iterate by (recursive) residual ‖r_k‖ seen, x_0 included, so the result is
-    never worse than the start (v = 0 or ``x0``); on SPD systems that is the last iterate up to
-    the growth bound below, so the answer is unchanged. Stops (per system, masked, so vmap-safe):
+    Returns the last iterate (plain CG: on SPD A the least A-norm error in the Krylov space)
+    unless a breakdown occurred or ‖r_last‖ > ‖r_0‖; then the iterate of least recursive
+    residual ‖r_k‖ seen, x_0 included. So the result is never worse than the start (v = 0 or
+    ``x0``) in residual, and on SPD systems it is unchanged. Stops (per system, masked, so
+    vmap-safe):
 
     - converged: ‖r‖ ≤ tol·‖b‖ (default tol: 1e-10, or 100·machine epsilon for float32 and below);
     - breakdown (flagged): curvature p·Ap ≤ breakdown_tol·(largest p·Ap/p·p seen)·p·p, or the
@@ -112,7 +114,7 @@ class CG:
         breakdown = torch.zeros_like(stopped)
         iterations = torch.zeros((), dtype=torch.long, device=ref.device)
         curv_max = torch.zeros_like(rs)
-        x_best, rs_best = x, rs
+        x_best, rs_best, rs0 = x, rs, rs
         growth2 = self.growth ** 2
         for _ in range(self.iters):
             Ap = A(p)
@@ -138,8 +140,11 @@ class CG:
             stopped = stopped | bad | grew | (torch.sqrt(rs) <= threshold)
             if concrete_bool(stopped) is True:  # eager: leave early, nothing left to do
                 break
-        x = x_best
-        residual = torch.sqrt(rs_best)  # recursive residual of the returned iterate
+        # the last iterate (least A-norm error on SPD: plain CG) unless it broke down or ended
+        # worse than the start; then the least-residual iterate seen (x_0 included)
+        last = ~breakdown & (rs <= rs0)
+        x = tree_where(last, x, x_best)
+        residual = torch.sqrt(torch.where(last, rs, rs_best))  # recursive: no extra matvec
         if self.warm_start and concrete_bool(residual == residual) is not None:
             self._last = tree_detach(x)
         info = {
