@@ -116,7 +116,7 @@ def test_vmap_equals_loop_on_mixed_singular_and_spd():
     cg = bl.CG(iters=20, tol=0.0)
     xs, infos = vmap(lambda H, b: cg(lambda v: H @ v, b))(Hs, bs)
     for i in range(2):
-        x, info = cg(lambda v: Hs[i] @ v, bs[i])
+        x, info = cg(lambda v, H=Hs[i]: H @ v, bs[i])
         torch.testing.assert_close(xs[i], x, rtol=1e-10, atol=1e-12)
         for k in ("breakdown", "usable", "iterations"):
             assert bool((infos[k][i] == info[k]).all()), k
@@ -207,3 +207,39 @@ def test_memoryreduced_defaults_on_user_model_sane_and_loop_equals_vmap(damping)
         assert float(grads[vec].norm()) < (10 if damping is None else 1e3)
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-9, atol=1e-12)
     assert infos[True]["linsolve_usable"].tolist() == infos[False]["linsolve_usable"].tolist()
+
+
+def _ill_quadratic():
+    g = torch.Generator().manual_seed(0)
+    A = spd(10, g, lo=1e-3, hi=1.0)
+    c = torch.randn(10, dtype=DT, generator=g)
+    problem = bl.BilevelProblem(lambda w, h, b: 0.5 * w @ A @ w - h["x"] @ w,
+                                lambda w, h, b: 0.5 * ((w - c) ** 2).sum())
+    h = {"x": torch.randn(10, dtype=DT, generator=g)}
+    return problem, h, torch.linalg.solve(A, h["x"])
+
+
+def test_implicit_at_solution_flags_and_warns():
+    problem, h, w_star = _ill_quadratic()
+    est = bl.Implicit(bl.CG(2))
+    bl.reset_warnings()
+    with warnings.catch_warnings(record=True) as wl:
+        warnings.simplefilter("always")
+        r = est.at_solution(problem, h, w_star, None, None)
+    assert bool(r.info["warnings/linsolve_residual"])
+    assert [str(m.message)[:36] for m in wl] == ["the linear solve stopped at relative"]
+
+
+def test_hypergrad_warns_once_per_call_not_twice():
+    problem, h, _ = _ill_quadratic()
+    est = bl.Implicit(bl.CG(2), stationarity_rtol=None)
+    bl.reset_warnings()
+    with warnings.catch_warnings(record=True) as wl:
+        warnings.simplefilter("always")
+        for _ in range(9):  # occurrences 1..9: only the first is shown
+            bl.hypergrad(problem, h, None, None, solver=bl.GradientDescent(0.5, 3),
+                         estimator=est, params0=torch.zeros(10, dtype=DT))
+        assert len(wl) == 1
+        bl.hypergrad(problem, h, None, None, solver=bl.GradientDescent(0.5, 3), estimator=est,
+                     params0=torch.zeros(10, dtype=DT))
+    assert len(wl) == 2 and "occurrence 10" in str(wl[1].message)

@@ -12,7 +12,8 @@ It is :class:`Implicit` with the paper's configuration (fixed N, tol 0, optional
 optional warm start) plus a guard for the singular Hessians of its settings (an unregularised
 linear head: rank ∇²_yy g ≤ n_support·(classes − 1) ≪ q): when p·Hp ≈ 0 or the residual blows
 up, CG stops, returns its iterate of least residual (never worse than v_0) and sets
-``info["linsolve_breakdown"]``, instead of dividing by ~0 as the official code does. The paper's algorithm box was not available; the official code was followed.
+``info["linsolve_breakdown"]``, instead of dividing by ~0 as the official code does. The
+paper's algorithm box was not available; the official code was followed.
 """
 
 from __future__ import annotations
