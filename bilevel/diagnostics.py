@@ -12,7 +12,8 @@ and ``.sum()`` counts the problems that met it). The kinds:
   diverging ⇔ [S/σ_S > 3.5 and z̄ > ā + ½|ā|] or [ℓ strictly increasing, K ≥ 3 and
   ℓ_{K−1} − ℓ_0 > 10³·|ℓ_0|]. S is distribution-free under i.i.d. noise; S/σ_S can exceed 3.5
   only for n ≥ 9, so shorter traces warn only on an explosive (×10³, monotone) growth.
-- ``linsolve_breakdown``: CG met curvature p·Hp ≤ 0 (singular or indefinite inner Hessian).
+- ``linsolve_breakdown``: CG met curvature p·Hp ≤ 0 or a residual blow-up (singular or
+  indefinite inner Hessian); it returned its least-residual iterate.
 - ``linsolve_residual``: CG ended above the usable relative residual ``CG.warn_rtol``
   (default 1e-3, the same in float32 and float64) without a breakdown.
 - ``neumann_diverging``: the Neumann series' last term outgrew its first (α > 2/λ_max(H)).
@@ -176,8 +177,11 @@ def message(kind: str, info: dict[str, torch.Tensor]) -> str:
                 f"lower its learning rate")
     if kind == "linsolve_breakdown":
         its = int(info["linsolve_iterations"].max())
-        return (f"CG broke down after {its} iterations on curvature p·Hp <= 0: the inner Hessian "
-                f"is singular or indefinite at w_K (not a strict minimum). More iterations will "
+        res = info["linsolve_rel_residual"].max().item()
+        return (f"CG broke down after {its} iterations (curvature p·Hp <= 0, or its residual blew "
+                f"up): the inner Hessian is singular or indefinite at w_K (not a strict minimum); "
+                f"its least-residual iterate is used (relative residual {res:.3g}, v = 0 gives "
+                f"1). More iterations will "
                 f"not help: add damping (CG(damping=...) / HistoryFree(damping=...)), run the "
                 f"inner solver to a minimum, or use Neumann or an unrolled estimator")
     if kind == "linsolve_residual":

@@ -181,7 +181,11 @@ def episodes(tasks: int = 2, seed: int = 0) -> meta.TaskBatch:
 
 def meta_grad(algo: str, kind: str, vectorize: bool):
     model = tiny(kind)
-    learner = meta.make_learner(algo, model, vectorize=vectorize, **LEARNERS[algo])
+    # at these untrained tiny backbones ∇²g has eigenvalues near −70 after 3 inner steps: the
+    # iMAML system ∇²g + reg·I is indefinite for reg ≤ 5, CG breaks down and (flagged) returns
+    # its least-residual iterate, v = 0, i.e. a zero meta-gradient; reg = 100 keeps it solvable
+    opts = {**LEARNERS[algo], **({"reg": 100.0} if algo == "imaml" else {})}
+    learner = meta.make_learner(algo, model, vectorize=vectorize, **opts)
     out = learner.meta_step(episodes())
     grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
     return grads, out

@@ -113,7 +113,7 @@ def reference(name, model, batch, **kw):
         body, head = meta.split_params(model)
         problem = bl.BilevelProblem(loss, loss)
         return direct(model, batch, problem, bl.GradientDescent(lr, K),
-                      bl.HistoryFree(iters=kw["cg_iters"]), body, head)
+                      bl.HistoryFree(iters=kw["cg_iters"], damping=1.0 / (lr * K)), body, head)
     if name == "reptile":  # closed form θ − mean φ, φ by a hand-written GD loop
         theta = meta.params_of(model)
         phis = []

@@ -228,8 +228,11 @@ def reference(name: str, model: nn.Module, batch: meta.TaskBatch, **kw) -> dict:
             gy_g = torch.autograd.grad(loss({**body, **y}, xs, ys), list(y.values()),
                                        create_graph=True)
 
-            def hvp(v, gy_g=gy_g, y=y):
-                return list(torch.autograd.grad(gy_g, list(y.values()), v, retain_graph=True))
+            mu = 1.0 / (lr * K)  # MemoryReducedMAML's default damping 1/(inner_lr·T)
+
+            def hvp(v, gy_g=gy_g, y=y, mu=mu):
+                hv = torch.autograd.grad(gy_g, list(y.values()), v, retain_graph=True)
+                return [h + mu * vi for h, vi in zip(hv, v)]
 
             v = cg(hvp, list(gy_f), kw["cg_iters"])
             mixed = torch.autograd.grad(gy_g, list(body.values()), v, allow_unused=True)

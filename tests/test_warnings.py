@@ -157,8 +157,10 @@ def test_cg_breakdown_on_an_indefinite_hessian():
                                             params0=torch.zeros(2, dtype=DT), estimator=est))
     assert bool(res.info["warnings/linsolve_breakdown"])
     assert not bool(res.info["warnings/linsolve_residual"])  # not reported twice
-    assert seen == ["CG broke down after 0 iterations on curvature p·Hp <= 0: the inner Hessian "
-                    "is singular or indefinite at w_K (not a strict minimum). More iterations "
+    assert seen == ["CG broke down after 0 iterations (curvature p·Hp <= 0, or its residual "
+                    "blew up): the inner Hessian is singular or indefinite at w_K (not a strict "
+                    "minimum); its least-residual iterate is used (relative residual 1, v = 0 "
+                    "gives 1). More iterations "
                     "will not help: add damping (CG(damping=...) / HistoryFree(damping=...)), "
                     "run the inner solver to a minimum, or use Neumann or an unrolled estimator"
                     + suffix("linsolve_breakdown", est)]

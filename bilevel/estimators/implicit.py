@@ -74,9 +74,14 @@ class Implicit(Estimator):
     system_batch: Any = "last"
 
     def __post_init__(self) -> None:
-        if self.hvp not in ("auto", "forward", "reverse"):
-            raise BilevelError(f"Implicit(hvp=...) must be 'auto', 'forward' or 'reverse', got "
-                               f"{self.hvp!r}")
+        rtol = self.stationarity_rtol
+        if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float))
+                                 or not rtol > 0):
+            raise BilevelError(f"{type(self).__name__}(stationarity_rtol=...) must be None (no "
+                               f"check) or a positive float, got {rtol!r}")
+        if not isinstance(self.hvp, str) or self.hvp not in ("auto", "forward", "reverse"):
+            raise BilevelError(f"{type(self).__name__}(hvp=...) must be 'auto', 'forward' or "
+                               f"'reverse', got {self.hvp!r}")
         if not callable(self.linsolve):
             raise BilevelError("Implicit(linsolve=...) needs a linear solver such as "
                                "bl.CG(iters=20) or bl.Neumann(iters=20, alpha=0.1)")
@@ -113,17 +118,19 @@ class Implicit(Estimator):
         w_K = tree_detach(w_K)
         return self.at_solution(problem, hparams, w_K, inner_batch, outer_batch,
                                 losses=losses, w_0=carry[0], grad_norm0=(norm0 or [None])[0],
-                                state=state_out(s_K), steps=solver.steps)
+                                state=state_out(s_K), steps=solver.steps, check=False)
 
     def at_solution(self, problem, hparams, w_K, inner_batch: Any, outer_batch: Any,
                     losses=(), w_0=None, v0=None, grad_norm0=None, state: Any = (),
-                    steps: int | None = None) -> HypergradResult:
+                    steps: int | None = None, check: bool = True) -> HypergradResult:
         """The implicit hypergradient at a given inner solution ``w_K`` (``w_0`` or its
         ``grad_norm0`` = ‖∇_w g(w_0)‖ only serve the stationarity check). ``steps`` = K, the
         number of inner steps that produced ``w_K`` (default ``len(losses)``), locates the last
         inner batch ``inner_batch.at(K − 1)`` and the fresh ones ``inner_batch.at(K + j)`` of a
         :class:`bilevel.PerStep` stream (see ``system_batch``); ``state`` is passed through to
-        ``res.state``."""
+        ``res.state``. ``check=True`` (the default for a direct call) adds the
+        ``warnings/<kind>`` flags and warns as :func:`bilevel.hypergrad` does (which calls it
+        with ``check=False`` and checks the result itself)."""
         const = tree_detach(hparams)
         steps = len(losses) if steps is None else steps
         fixed, fresh = system_batches(self, inner_batch, steps)
@@ -158,7 +165,13 @@ class Implicit(Estimator):
             info["inner_grad_norm0"] = tree_norm(inner_grad(w_0, const, fixed))
         info.update({f"linsolve_{k}": t for k, t in solve_info.items()})
         self._warn(problem, info, mixed)
-        return HypergradResult(grads, w_K, f.detach(), info, state)
+        res = HypergradResult(grads, w_K, f.detach(), info, state)
+        if check:  # a direct call: flag and warn here (hypergrad checks its own result)
+            from ..diagnostics import flags
+            from ..hypergrad import _check_result
+            res.info.update(flags(res))
+            _check_result(res, False, self)
+        return res
 
     def _solve(self, grad_w, w_K, b, v0, fixed, fresh):
         """Solve ∇²_ww g(w_K) v = b with Hessian-vector products of the chosen mode; with a

@@ -29,15 +29,23 @@ class MemoryReducedMAML(MetaLearner):
     cross-entropy of the head (no graph), then ``bl.HistoryFree(iters=cg_iters)``
     (N = 20 CG steps, no early stop, v_0 = 0) at y_T: ``.grad`` receives
     (1/B) Σ_i [∇_x f_i(x, y_T) − ∇²_xy g_i(x, y_T) · CG_N(∇²_yy g_i(x, y_T), ∇_y f_i(x, y_T))].
-    The head's Hessian is singular (no regulariser, as the official code); ``bl.CG`` stops on
-    the last good iterate at curvature breakdown instead of dividing by ~0 (``damping`` > 0
-    solves (H + μI)v = b instead, i.e. adds (μ/2)‖y‖² to the lower loss).
+    Damping (``damping``, default ``None`` = μ = 1/(β·T) = 0.5 at the defaults): CG solves
+    (H + μI) v = ∇_y f. The head's Hessian is singular by construction (no regulariser, as the
+    official code): H = (1/n) Σ_i (diag p_i − p_i p_iᵀ) ⊗ φ̃_i φ̃_iᵀ with φ̃_i = [φ_i; 1] over the
+    n support examples, so rank H ≤ n·(classes − 1) < q, and ∇_y f (query features) has a
+    component outside range(H): H v = ∇_y f has no solution and undamped CG explodes (measured
+    |meta-grad| 1e12). μ = 1/(βT) is the damping the T-step GD inner loop itself implies: on a
+    quadratic, ∂y_T/∂(·) carries Σ_{t<T} β(I − βH)^t = (I − (I − βH)^T) H⁻¹, which is βT·I on
+    null(H) and ≈ H⁻¹ on eigenvalues λ ≫ 1/(βT); (H + μI)⁻¹ with μ = 1/(βT) matches both
+    ends (early stopping ≈ ridge). ``damping=0.0`` runs the official undamped system: CG then
+    returns its least-residual iterate and flags ``linsolve_breakdown`` (warned at occurrences
+    1, 10, 100, ... and set in every result's info).
 
     Meta-test (every method in the official code): head-only adaptation from the fixed init,
     ``eval_inner_steps=20`` steps of ``eval_inner_lr=0.05``.
 
     Defaults: T = 20, β = 0.1 (CIFAR-FS / FC100 folders; miniImageNet and tieredImageNet use
-    0.05), N = 20; official outer optimiser Adam, lr 1e-4 (CIFAR-FS/FC100) or 1e-3.
+    0.05), N = 20, μ = 1/(βT); official outer optimiser Adam, lr 1e-4 (CIFAR-FS/FC100) or 1e-3.
     """
 
     name = "memoryreduced"
@@ -45,15 +53,20 @@ class MemoryReducedMAML(MetaLearner):
     implicit_refusal = None  # the head starts from a fixed point: every estimator applies
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 20, *,
-                 cg_iters: int = 20, damping: float = 0.0, head: str = "head",
+                 cg_iters: int = 20, damping: float | None = None, head: str = "head",
                  backbone: str | Callable | None = None, cache_features: bool | None = None,
                  vectorize: bool | None = None, estimator: bl.Estimator | None = None,
                  loss: str | Callable = "cross_entropy", eval_inner_steps: int | None = 20,
                  eval_inner_lr: float | None = 0.05, randomness: str = "different"):
         if not isinstance(cg_iters, int) or cg_iters < 0:
             raise ValueError(f"cg_iters must be a non-negative int, got {cg_iters!r}")
-        if not isinstance(damping, (int, float)) or damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping!r}")
+        if damping is None:  # the damping of the T-step GD inner loop (see the docstring)
+            damping = 1.0 / (inner_lr * inner_steps) if isinstance(inner_lr, (int, float)) \
+                and inner_lr > 0 and inner_steps > 0 else 0.0
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or \
+                not damping >= 0:
+            raise ValueError(f"damping must be None (1/(inner_lr*inner_steps)) or >= 0, got "
+                             f"{damping!r}")
         self.cg_iters, self.damping = cg_iters, float(damping)
         super().__init__(model, inner_lr, inner_steps, vectorize=vectorize, estimator=estimator,
                          loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr,
