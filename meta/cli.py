@@ -237,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         _fail(str(err))
     except DistributedError as err:  # another rank died or hangs
         print(f"{PROG}: error: {err}", file=sys.stderr)
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            # the process group is broken: gloo/NCCL threads still wait on the lost peer and
+            # abort the interpreter at shutdown ("terminate called ..."); leave at once
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     except TrainingInterrupted as err:
         print(f"{PROG}: {err}; continue with: {PROG} --out {err.out} --resume", file=sys.stderr)

@@ -111,10 +111,9 @@ def train(config: TrainConfig, *, resume: bool = False, stream: TextIO | None = 
     if model is not None:
         c.hidden = None
     ranks = join(c.device, c.dist_timeout or DEFAULT_DIST_TIMEOUT)
-    try:
-        return _train(c, ranks, ckpt, resume, stream, model)
-    finally:
-        leave(ranks)
+    result = _train(c, ranks, ckpt, resume, stream, model)  # on an error: no collective
+    leave(ranks)  # (destroying a group whose peer is lost can hang or abort)
+    return result
 
 
 def _train(c: TrainConfig, ranks: Ranks, ckpt, resume: bool, stream: TextIO, model
