@@ -30,7 +30,6 @@ from _fewshot_fixtures import write_fixture  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"metrics.csv", "checkpoint.pt", "results.json", "curve.png"}
-TIGHT = dict(rtol=1e-12, atol=1e-13)
 
 
 def tiny(out: Path, *extra: str, iterations: int = 6, meta_batch: int = 3) -> list[str]:
@@ -57,7 +56,9 @@ def assert_same_metrics(a: Path, b: Path) -> None:
                                     abs_tol=1e-13), (key, x, y)
 
 
-def assert_same_params(a: Path, b: Path, exact: bool = False) -> None:
+def assert_same_params(a: Path, b: Path, exact: bool = False, loose: str | None = None
+                       ) -> None:
+    """Equal to 1e-12 (``exact``: bitwise); names ending in ``loose`` to 1e-8 absolute."""
     ca, cb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
     assert ca["iteration"] == cb["iteration"]
     for name, t in ca["model"].items():
@@ -65,7 +66,8 @@ def assert_same_params(a: Path, b: Path, exact: bool = False) -> None:
         if exact:
             assert torch.equal(t, cb["model"][name]), name
         else:
-            torch.testing.assert_close(t, cb["model"][name], **TIGHT)
+            atol = 1e-8 if loose and name.endswith(loose) else 1e-13
+            torch.testing.assert_close(t, cb["model"][name], rtol=1e-12, atol=atol)
 
 
 def test_model_parameters_differ_after_training(tmp_path):
@@ -315,3 +317,39 @@ def test_tensorboard_scalars(tmp_path):
     assert [s for s, _ in train] == [s for s, _ in csv_train]
     for (_, v), (_, w) in zip(train, csv_train):
         assert math.isclose(v, w, rel_tol=1e-6)  # TensorBoard stores float32
+
+
+# ----------------------------------------------------------------------------- omniglot
+
+
+OMNIGLOT = Path(os.environ.get("OMNIGLOT_ROOT") or ROOT.parent / "shared" / "data" / "omniglot")
+
+
+def test_two_rank_omniglot_run_equals_one_process(tmp_path, monkeypatch):
+    """Issue 13 §5: a 2-process Omniglot run (Conv4, batch norm, 5-way 1-shot, float64) equals
+    the 1-process one: parameters, train/val accuracy and loss, test mean and CI."""
+    if not any((OMNIGLOT / d / f).is_file() for d in ("", "npz")
+               for f in ("images_background.npz", "images_background.zip")):
+        pytest.skip(f"Omniglot not found in {OMNIGLOT} (set OMNIGLOT_ROOT)")
+    monkeypatch.setenv("BILEVEL_META_CACHE", str(tmp_path / "cache"))
+    argv = ["--dataset", "omniglot", "--data-root", str(OMNIGLOT), "--hidden", "8",
+            "--vectorize", "off", "--eval-inner-steps", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(tiny(one, *argv, iterations=3)) == 0  # builds the cache the ranks then read
+    assert main(["--nproc", "2", *tiny(two, *argv, iterations=3)]) == 0
+    # the conv biases before batch norm have an exact meta-gradient of 0: rounding noise of
+    # ~1e-16 that Adam divides by (sqrt(v) + 1e-8) moves them by up to ~1e-10 (measured), on a
+    # parameter scale of 0.1 and steps of 1e-3; every other entry agrees to 1e-12
+    assert_same_params(one, two, loose="conv.bias")
+    assert_same_metrics(one, two)
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert math.isclose(r1["test"]["mean"], r2["test"]["mean"], rel_tol=1e-12)
+    assert math.isclose(r1["test"]["ci95"], r2["test"]["ci95"], rel_tol=1e-10)
+
+
+def test_nproc_returns_the_ranks_status_when_all_fail(tmp_path, capsys):
+    """A setup error on every rank (no such data): the launcher returns their status 2."""
+    code = main(["--nproc", "2", "--dataset", "cifarfs", "--data-root", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert not (tmp_path / "run").exists()
