@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(1)
         return 1
     except TrainingInterrupted as err:
-        print(f"{PROG}: {err}; continue with: {PROG} --out {err.out} --resume", file=sys.stderr)
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            print(f"{PROG}: {err}; continue with: {PROG} --out {err.out} --resume",
+                  file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # a second Ctrl-C: stopped without saving
         print(f"\n{PROG}: aborted; the last periodic checkpoint (if any) is still in --out",

@@ -353,3 +353,37 @@ def test_nproc_returns_the_ranks_status_when_all_fail(tmp_path, capsys):
                  "--out", str(tmp_path / "run")])
     assert code == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_stops_every_rank_after_the_same_step_and_resumes_exactly(tmp_path):
+    """SIGINT to the whole process group of ``meta-train --nproc 2`` (what Ctrl-C does): the
+    ranks agree on the step to stop after (a 1-element all_reduce(MAX) of the request), rank 0
+    saves the checkpoint, all exit 130; the resumed run equals an uninterrupted one, bitwise."""
+    out, full = tmp_path / "run", tmp_path / "full"
+    argv = tiny(out, iterations=150, meta_batch=2)
+    argv[argv.index("--val-every") + 1] = "0"
+    argv[argv.index("--checkpoint-every") + 1] = "0"
+    p = subprocess.Popen([sys.executable, "-m", "meta.cli", "--nproc", "2", *argv], cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.csv").exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1]
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.killpg(p.pid, signal.SIGINT)
+        code, _, err = finish(p, 60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    stopped = load_checkpoint(out / "checkpoint.pt")["iteration"]
+    assert code == 130, err[-2000:]
+    if stopped == 150:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert err.count("interrupted at iteration") == 1  # rank 0 only
+    assert main(["--nproc", "2", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert main(["--nproc", "2", *tiny(full, iterations=150, meta_batch=2)[:-2], "--out",
+                 str(full)]) == 0
+    assert_same_params(full, out, exact=True)

@@ -188,8 +188,9 @@ def launch(argv: Sequence[str], nproc: int, *, timeout: float = 600.0,
                 if code not in (None, 0) and first_failure is None:
                     first_failure = (r, code)
                     deadline = time.monotonic() + timeout + 30
-                    stream.write(f"meta-train: rank {r} of {nproc} exited with status {code}; "
-                                 f"waiting for the other ranks to stop\n")
+                    if code != 130:  # 130: stopped by Ctrl-C, like the others
+                        stream.write(f"meta-train: rank {r} of {nproc} exited with status "
+                                     f"{code}; waiting for the other ranks to stop\n")
             if all(c is not None for c in codes):
                 break
             if deadline is not None and time.monotonic() > deadline:
