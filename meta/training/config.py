@@ -123,6 +123,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 DATASET_DEFAULTS["tieredimagenet"] = dict(DATASET_DEFAULTS["miniimagenet"])
 DATASET_DEFAULTS["fc100"] = dict(DATASET_DEFAULTS["cifarfs"])
+DATASET_DEFAULTS = {k: DATASET_DEFAULTS[k] for k in ("sinusoid", "omniglot", "miniimagenet",
+                                                     "tieredimagenet", "cifarfs", "fc100")}
 
 GENERAL_DEFAULTS: dict[str, Any] = dict(algorithm="maml", dataset="sinusoid", download=False,
                                         dtype="float32", seed=0)
