@@ -227,7 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc is not None and args.nproc > 1:
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
             _fail("--nproc starts the processes itself: do not combine it with torchrun")
+        import torch
+
         from .training.distributed import launch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and args.nproc > torch.cuda.device_count():
+            _fail(f"--nproc {args.nproc} with --device cuda needs one GPU per process; this "
+                  f"machine has {torch.cuda.device_count()} (use --device cpu for gloo)")
 
         return launch(_without_nproc(argv), args.nproc, timeout=args.dist_timeout or 600.0)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})

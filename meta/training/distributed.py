@@ -63,6 +63,12 @@ def join(device: str, timeout: float) -> Ranks:
     if world <= 1 and not D.is_active():
         return Ranks(device=device)
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1)
+    if backend == "nccl" and not D.is_active() and local > torch.cuda.device_count():
+        from .config import ConfigError  # every rank of the machine fails here, together
+
+        raise ConfigError(f"{local} processes on this machine but {torch.cuda.device_count()} "
+                          f"CUDA device(s): one GPU per process (or --device cpu, gloo)")
     owner = not D.is_active()
     rank, world, dev = D.init(backend, timeout=datetime.timedelta(seconds=float(timeout)))
     if D.is_active():
