@@ -50,8 +50,18 @@ class _Parser(argparse.ArgumentParser):
         _fail(f"{message} (see {self.prog} --help)")
 
 
-def _fail(message: str):
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _fail(message: str, *, every_rank: bool = False):
+    """Print one line and exit 2. Several processes: argument errors (the same argv on every
+    rank) are printed by rank 0 only; setup errors (``every_rank``: a rank may be alone to hit
+    one, e.g. data missing on its machine) by every rank, naming it."""
+    rank = _rank()
+    if rank == 0 or every_rank:
+        where = f" (rank {rank})" if rank else ""
+        print(f"{PROG}: error{where}: {' '.join(str(message).split())}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -241,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = train(config, resume=args.resume)
     except ConfigError as err:
-        _fail(str(err))
+        _fail(str(err), every_rank=True)
     except DistributedError as err:  # another rank died or hangs
         print(f"{PROG}: error: {err}", file=sys.stderr)
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
@@ -252,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(1)
         return 1
     except TrainingInterrupted as err:
-        if int(os.environ.get("RANK", "0") or 0) == 0:
+        if _rank() == 0:
             print(f"{PROG}: {err}; continue with: {PROG} --out {err.out} --resume",
                   file=sys.stderr)
         return 130
@@ -260,10 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{PROG}: aborted; the last periodic checkpoint (if any) is still in --out",
               file=sys.stderr)
         return 130
-    except FloatingPointError as err:  # the meta-training loss diverged
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+    except FloatingPointError as err:  # the meta-training loss diverged (on every rank)
+        if _rank() == 0:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if _rank() != 0:
         return 0  # rank 0 prints the summary
     test = results["test"]
     if test["metric"] == "mse":
