@@ -36,7 +36,8 @@ factory called as below), or ``TrainConfig(model="package.module:factory")`` /
 ``meta-train --model package.module:factory``: the factory is called with the keyword
 arguments it accepts among ``ways`` (the number of outputs: the classes of a task, 1 for
 sinusoid regression) and ``in_channels`` (1: Omniglot's grey images, sinusoid's scalar
-input). The checkpoint records the factory (or the class of a given instance), and
+input; 3 for the RGB datasets), and ``image_size`` (28, 84 or 32) when its signature names it.
+The checkpoint records the factory (or the class of a given instance), and
 ``--resume`` rebuilds the model from it. Validation and test run with the model in
 ``eval()`` mode (dropout off) and training in ``train()`` mode; batch norm uses batch
 statistics in both (:mod:`meta.algorithms.base`).

@@ -74,8 +74,9 @@ def train(config: TrainConfig, *, resume: bool = False, stream: TextIO | None = 
     """Meta-train, validate, test; write the run directory; return the results dict.
 
     ``model``: your own ``nn.Module`` (trained in place; moved to the run's device and dtype)
-    or a factory called with ``ways`` / ``in_channels`` (those it accepts; see the module
-    docstring); default ``config.model`` or the built-in MLP (sinusoid) / Conv4 (Omniglot).
+    or a factory called with ``ways`` / ``in_channels`` / ``image_size`` (those it accepts;
+    see :mod:`meta.train`); default ``config.model`` (a preset or ``pkg.module:factory``) or
+    the dataset's built-in model (MLP, Conv4, MAML's Conv4).
     A run trained with a model instance is resumed by passing the model again; one trained
     with an importable factory is rebuilt from the factory the checkpoint records.
 
