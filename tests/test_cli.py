@@ -191,7 +191,7 @@ def test_resume_guards(reference, tmp_path, capsys):
     (["--estimator", "truncated:x"], "truncated"),
     (["--estimator", "truncated:5"], "more steps than the solver runs"),
     (["--algorithm", "reptile", "--estimator", "unrolled"], "estimator"),
-    (["--ways", "5"], "omniglot only"),
+    (["--ways", "5"], "classification datasets only"),
     (["--reg", "1.0"], "imaml"),
     (["--dataset", "mnist"], "--dataset"),
     (["--dtype", "float16"], "--dtype"),

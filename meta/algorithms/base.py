@@ -78,11 +78,16 @@ Conventions shared by every learner (the policies for a user's own ``nn.Module``
   CUDA default is not measured here (no GPU in these sessions): one batched kernel per op
   instead of B small ones is the usual GPU win.
   Vmapped and looped meta-gradients agree to ~1e-13 relative in float64 (tested, with BN).
-- DDP / several processes: meta-gradients land in ``.grad`` like ``backward()`` would put them,
-  but no ``backward()`` runs, so ``DistributedDataParallel``'s gradient hooks never fire. Give
-  the learner the plain module and average ``.grad`` yourself after ``meta_step``:
-  ``for p in model.parameters(): dist.all_reduce(p.grad); p.grad /= world_size``
-  (parameters whose ``.grad`` is ``None``, e.g. the memory-reduced algorithm's head, skip it).
+- Several processes / GPUs: not ``DistributedDataParallel`` -- meta-gradients land in ``.grad``
+  like ``backward()`` would put them, but no ``backward()`` runs, so DDP's gradient hooks never
+  fire. Give the learner the plain module, give each rank its shard of the global meta-batch and
+  use :mod:`meta.distributed`: ``meta.distributed.meta_step(learner, shard)`` (or
+  ``learner.meta_step(shard)`` then ``meta.distributed.all_reduce_meta_grad(model, n_local,
+  metrics)``) writes the mean over the GLOBAL batch, Σ_r n_r ḡ_r / Σ_r n_r, into ``.grad`` with
+  one ``all_reduce``; ranks with unequal or no shards, parameters without ``.grad`` and
+  Sharp-MAML's global-norm upper SAM are handled there. (Averaging each ``p.grad`` over the
+  world size is wrong for unequal shards and desynchronises the collectives when a ``.grad`` is
+  ``None`` on one rank only.) ``meta-train --nproc N`` / ``torchrun`` do all of it.
 """
 
 from __future__ import annotations
