@@ -41,6 +41,7 @@ import torch
 
 from .online import Online
 from .problem import BilevelError, HypergradResult
+from .stochastic.online import Online as StochasticOnline
 
 __all__ = ["RefineResult", "refine"]
 
@@ -54,7 +55,7 @@ class RefineResult:
     value: float
     history: list[tuple[int, float]] = field(default_factory=list)
     steps: int = 0
-    last: HypergradResult | None = None
+    last: HypergradResult | dict | None = None  # a dict: a bl.stochastic.Online's info
 
 
 def _pruned(message: str) -> Exception:
@@ -66,7 +67,10 @@ def _pruned(message: str) -> Exception:
     return optuna.TrialPruned(message)
 
 
-def refine(trial: Any, tuner: Online | Callable[[Any], Online], n_steps: int, *,
+Tuner = Online | StochasticOnline
+
+
+def refine(trial: Any, tuner: Tuner | Callable[[Any], Tuner], n_steps: int, *,
            inner: Any = None, outer: Any = None, hopt: torch.optim.Optimizer | float = 1e-2,
            validate: Callable[[Online], float] | None = None, report_every: int = 1,
            on_nonfinite: str = "raise",
@@ -75,9 +79,12 @@ def refine(trial: Any, tuner: Online | Callable[[Any], Online], n_steps: int, *,
 
     ``trial``: an ``optuna.Trial`` (or anything with ``report(value, step)`` and
     ``should_prune()``). ``tuner``: a :class:`bilevel.Online`, or a callable ``trial ->
-    Online`` (built here, so that it can read ``trial.suggest_*``). ``inner`` / ``outer``: the
-    batches or streams passed to every ``tuner.step`` (pass a ``bl.Minibatches``/``PerStep``
-    stream from its start: the tuner advances it). ``hopt``: the optimiser of the
+    Online`` (built here, so that it can read ``trial.suggest_*``). A
+    :class:`bilevel.stochastic.Online` is accepted too: one refinement step is then
+    one iteration of its algorithm, which updates x itself (``hopt``, ``inner``, ``outer``
+    are not used; ``validate`` is required). ``inner`` / ``outer``: the batches or streams
+    passed to every ``tuner.step`` (pass a ``bl.Minibatches``/``PerStep`` stream from its
+    start: the tuner advances it). ``hopt``: the optimiser of the
     hyperparameters, or a learning rate for ``torch.optim.Adam`` over the tuner's hparams.
     ``validate(tuner) -> float``: the value to report (default: the outer loss of the step,
     f on the step's outer batch). ``report_every``: report (and ask whether to prune) every so
@@ -95,14 +102,16 @@ def refine(trial: Any, tuner: Online | Callable[[Any], Online], n_steps: int, *,
     if not (hasattr(trial, "report") and hasattr(trial, "should_prune")):
         raise BilevelError(f"trial must be an optuna.Trial (report / should_prune), got "
                            f"{type(trial).__name__}")
-    if not isinstance(tuner, Online):
+    if not isinstance(tuner, (Online, StochasticOnline)):
         if not callable(tuner):
             raise BilevelError(f"tuner must be a bl.Online or a callable trial -> bl.Online, got "
                                f"{type(tuner).__name__}")
         tuner = tuner(trial)
-        if not isinstance(tuner, Online):
+        if not isinstance(tuner, (Online, StochasticOnline)):
             raise BilevelError(f"the tuner factory must return a bl.Online, got "
                                f"{type(tuner).__name__}")
+    if isinstance(tuner, StochasticOnline):
+        return _refine_stochastic(trial, tuner, n_steps, validate, report_every, on_nonfinite)
     if isinstance(hopt, (int, float)):
         leaves = torch.utils._pytree.tree_leaves(tuner.hparams)
         hopt = torch.optim.Adam(leaves, lr=float(hopt))
@@ -117,19 +126,39 @@ def refine(trial: Any, tuner: Online | Callable[[Any], Online], n_steps: int, *,
         out.steps, out.last = i + 1, res
         if callback is not None:
             callback(tuner.hyper_steps, res)
-        if (i + 1) % report_every and i + 1 != n_steps:
-            continue
-        value = float(validate(tuner)) if validate is not None else float(res.outer_loss)
-        out.value, step = value, tuner.hyper_steps
-        if not math.isfinite(value):
-            msg = (f"refine: the reported value is {value} at hyper-step {step} "
-                   f"(step {i + 1} of {n_steps} in this trial)")
-            if on_nonfinite == "prune":
-                raise _pruned(msg)
-            raise BilevelError(msg + ": lower the learning rates, or pass on_nonfinite='prune' "
-                               "to prune such trials")
-        trial.report(value, step)
-        out.history.append((step, value))
-        if trial.should_prune():
-            raise _pruned(f"pruned at hyper-step {step} with value {value:.6g}")
+        if (i + 1) % report_every == 0 or i + 1 == n_steps:
+            value = float(validate(tuner)) if validate is not None else float(res.outer_loss)
+            _report(trial, out, value, tuner.hyper_steps, i + 1, n_steps, on_nonfinite)
     return out
+
+
+def _refine_stochastic(trial: Any, loop: StochasticOnline, n_steps: int,
+                       validate: Callable | None, report_every: int,
+                       on_nonfinite: str) -> RefineResult:
+    if validate is None:
+        raise BilevelError("refine over a bl.stochastic.Online needs validate=(loop -> float): "
+                           "its iterations do not compute the outer loss")
+    out = RefineResult(value=math.nan)
+    for i in range(n_steps):
+        out.last = loop.step(1)
+        out.steps = i + 1
+        if (i + 1) % report_every == 0 or i + 1 == n_steps:
+            _report(trial, out, float(validate(loop)), loop.t, i + 1, n_steps, on_nonfinite)
+    return out
+
+
+def _report(trial: Any, out: RefineResult, value: float, step: int, i: int, n_steps: int,
+            on_nonfinite: str) -> None:
+    """Report one value (refusing NaN/inf), then prune if the trial says so."""
+    out.value = value
+    if not math.isfinite(value):
+        msg = (f"refine: the reported value is {value} at hyper-step {step} "
+               f"(step {i} of {n_steps} in this trial)")
+        if on_nonfinite == "prune":
+            raise _pruned(msg)
+        raise BilevelError(msg + ": lower the learning rates, or pass on_nonfinite='prune' "
+                           "to prune such trials")
+    trial.report(value, step)
+    out.history.append((step, value))
+    if trial.should_prune():
+        raise _pruned(f"pruned at hyper-step {step} with value {value:.6g}")
