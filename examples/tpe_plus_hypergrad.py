@@ -144,7 +144,8 @@ def summarise(results, seeds, trials) -> str:
         xs = sorted(math.inf if x is None else x for x in xs)
         m = xs[(len(xs) - 1) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1]
                                                                 + xs[len(xs) // 2])
-        return "n/r" if math.isinf(m) else f"{m:.2f}" if m < 100 else f"{m:.0f}"
+        return "n/r" if math.isinf(m) else f"{m:.4f}" if m < 1 else f"{m:.2f}" if m < 100 \
+            else f"{m:.0f}"
 
     for tgt in TARGETS:
         cells, reached = [], []
@@ -154,15 +155,16 @@ def summarise(results, seeds, trials) -> str:
             reached.append(sum(h[0] is not None for h in hits))
         lines.append(f"| {tgt} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
                      f"{reached[0]}/{len(seeds)} / {reached[1]}/{len(seeds)} |")
-    lines += ["", "| method | best val loss (per seed) | trainings used | pruned trials | "
-              "seconds |", "|---|---|---|---|---|"]
+    lines += ["", "| method | median best val loss | best val loss (per seed) | trainings used "
+              "| pruned trials | seconds |", "|---|---|---|---|---|---|"]
     for method in ("TPE alone", "TPE + refine"):
         rs = [results[method][s] for s in seeds]
         best = ", ".join(f"{r[-1]['best']:.4f}" for r in rs)
         used = ", ".join(f"{r[-1]['trainings']:.1f}" for r in rs)
         pruned = ", ".join(str(sum(x["state"] == "PRUNED" for x in r)) for r in rs)
         secs = ", ".join(f"{r[-1]['seconds']:.0f}" for r in rs)
-        lines.append(f"| {method} | {best} | {used} | {pruned} | {secs} |")
+        lines.append(f"| {method} | {med([r[-1]['best'] for r in rs])[:6]} | {best} | {used} | "
+                     f"{pruned} | {secs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -171,7 +173,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--out", default="examples/results/tpe_plus_hypergrad.json")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="only summarise these result files together (into --out's .md)")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out).with_suffix(".md"))
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -201,6 +207,23 @@ def main(argv=None) -> dict:
                                       f"\n\n" + summary)
     print("\n" + summary)
     return {"meta": meta, "results": results}
+
+
+def merge(files, md: Path) -> dict:
+    """One summary over the seeds of several result files (same trials, same settings)."""
+    results: dict = {"TPE alone": {}, "TPE + refine": {}}
+    heads, trials = [], set()
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        heads.append(f"`{d['meta']['command']}` ({d['meta']['date']})")
+        trials.add(d["meta"]["trials"])
+        for method in results:
+            results[method].update(d["results"][method])
+    seeds = sorted(results["TPE alone"], key=int)
+    summary = summarise(results, seeds, max(trials))
+    md.write_text("Merged: " + "; ".join(heads) + ", shared 2-core CPU, 1 thread\n\n" + summary)
+    print(summary)
+    return {"results": results}
 
 
 if __name__ == "__main__":
