@@ -84,8 +84,8 @@ def refine(trial: Any, tuner: Tuner | Callable[[Any], Tuner], n_steps: int, *,
     one iteration of its algorithm, which updates x itself (``hopt``, ``inner``, ``outer``
     are not used; ``validate`` is required). ``inner`` / ``outer``: the batches or streams
     passed to every ``tuner.step`` (pass a ``bl.Minibatches``/``PerStep`` stream from its
-    start: the tuner advances it). ``hopt``: the optimiser of the
-    hyperparameters, or a learning rate for ``torch.optim.Adam`` over the tuner's hparams.
+    start: the tuner advances it). ``hopt``: the optimiser of the hyperparameters, or a
+    learning rate for ``torch.optim.Adam`` over the tuner's hparams.
     ``validate(tuner) -> float``: the value to report (default: the outer loss of the step,
     f on the step's outer batch). ``report_every``: report (and ask whether to prune) every so
     many steps, and always after the last. ``on_nonfinite``: a NaN/inf value raises
@@ -111,8 +111,9 @@ def refine(trial: Any, tuner: Tuner | Callable[[Any], Tuner], n_steps: int, *,
             raise BilevelError(f"the tuner factory must return a bl.Online, got "
                                f"{type(tuner).__name__}")
     if isinstance(tuner, StochasticOnline):
-        return _refine_stochastic(trial, tuner, n_steps, validate, report_every, on_nonfinite)
-    if isinstance(hopt, (int, float)):
+        return _refine_stochastic(trial, tuner, n_steps, validate, report_every, on_nonfinite,
+                                  callback)
+    if isinstance(hopt, (int, float)) and not isinstance(hopt, bool):
         leaves = torch.utils._pytree.tree_leaves(tuner.hparams)
         hopt = torch.optim.Adam(leaves, lr=float(hopt))
     elif not isinstance(hopt, torch.optim.Optimizer):
@@ -134,7 +135,7 @@ def refine(trial: Any, tuner: Tuner | Callable[[Any], Tuner], n_steps: int, *,
 
 def _refine_stochastic(trial: Any, loop: StochasticOnline, n_steps: int,
                        validate: Callable | None, report_every: int,
-                       on_nonfinite: str) -> RefineResult:
+                       on_nonfinite: str, callback: Callable | None) -> RefineResult:
     if validate is None:
         raise BilevelError("refine over a bl.stochastic.Online needs validate=(loop -> float): "
                            "its iterations do not compute the outer loss")
@@ -142,6 +143,8 @@ def _refine_stochastic(trial: Any, loop: StochasticOnline, n_steps: int,
     for i in range(n_steps):
         out.last = loop.step(1)
         out.steps = i + 1
+        if callback is not None:
+            callback(loop.t, out.last)
         if (i + 1) % report_every == 0 or i + 1 == n_steps:
             _report(trial, out, float(validate(loop)), loop.t, i + 1, n_steps, on_nonfinite)
     return out
