@@ -3,7 +3,7 @@
 min_λ f(w*(λ), λ)  s.t.  w*(λ) ≈ argmin_w g(w, λ); parameters and hyperparameters are pytrees.
 """
 
-from . import autodiff, stochastic
+from . import autodiff, hpo, stochastic
 from .adaptive import Adam, AdamW, RMSprop
 from .data import Minibatches, PerStep
 from .diagnostics import reset_warnings
@@ -33,5 +33,5 @@ __all__ = [
     "Estimator", "Unrolled", "Truncated", "Checkpointed", "Implicit", "ForwardMode", "FirstOrder",
     "HistoryFree", "reset_warnings", "autodiff", "PerStep", "Minibatches", "accumulate_grad",
     "module_problem", "ModuleProblem", "ModuleBilevelProblem", "ModuleSolver", "Online",
-    "stochastic",
+    "stochastic", "hpo",
 ]

@@ -26,13 +26,14 @@ from ._common import (
 from .amigo import AmIGO, AmIGOState
 from .f2sa import F2SA, F2SAState
 from .loop import Draws, next_batches, run
+from .online import Online
 from .saba import SABA, SABAState
 from .soba import SOBA, SOBAState
 from .srba import SRBA, SRBAState, srba_period
 from .stocbio import StocBiO, StocBiOState
 
 __all__ = ["datasets", "problems", "SOBA", "SABA", "SRBA", "AmIGO", "StocBiO", "F2SA",
-           "Schedule", "Sampler",
+           "Schedule", "Sampler", "Online",
            "Minibatch", "StochasticAlgorithm", "run", "next_batches", "Draws", "srba_period",
            "inner_oracles", "inner_grad", "outer_grads", "hvp", "cross_vjp", "SOBAState",
            "SABAState", "SRBAState", "AmIGOState", "StocBiOState", "F2SAState"]
