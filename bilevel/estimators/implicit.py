@@ -27,7 +27,7 @@ from ..linsolve import CG, Neumann
 from ..problem import BilevelError, HypergradResult, call_loss
 from ..pytree import tree_detach, tree_norm, tree_sub
 from ..solvers import SAM, SignGD
-from ..unroll import outer_value, run, stack_losses, start_carry, state_out
+from ..unroll import outer_value_aux, run, stack_losses, start_carry, state_out
 from .base import Estimator, warn_once
 from .refusals import refuse_unread
 
@@ -134,9 +134,9 @@ class Implicit(Estimator):
         def inner_grad(w, h, batch):
             return grad_and_value(inner_loss)(w, h, batch)[0]
 
-        (gw_f, gh_f), f = grad_and_value(
-            lambda w, h, batch: outer_value(problem, w, h, batch), argnums=(0, 1))(
-                w_K, hparams, outer_batch)
+        (gw_f, gh_f), (f, aux) = grad_and_value(
+            lambda w, h, batch: outer_value_aux(problem, w, h, batch), argnums=(0, 1),
+            has_aux=True)(w_K, hparams, outer_batch)
 
         if fresh is None and eager() and self.hvp != "forward":
             # plain autograd: ONE graph of ∇_w g(w_K, λ) serves every H·v (pulled back to w
@@ -158,7 +158,7 @@ class Implicit(Estimator):
             info["inner_grad_norm0"] = tree_norm(inner_grad(w_0, const, fixed))
         info.update({f"linsolve_{k}": t for k, t in solve_info.items()})
         self._warn(problem, info, mixed)
-        return HypergradResult(grads, w_K, f.detach(), info, state)
+        return HypergradResult(grads, w_K, f.detach(), info, state, aux)
 
     def _solve(self, grad_w, w_K, b, v0, fixed, fresh):
         """Solve ∇²_ww g(w_K) v = b with Hessian-vector products of the chosen mode; with a

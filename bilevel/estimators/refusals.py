@@ -26,6 +26,7 @@ from ..autodiff import _transform_active
 from ..data import batch_at
 from ..problem import BilevelError, call_loss
 from ..pytree import PyTree, tree_detach, tree_flatten, tree_leaves, tree_paths, tree_unflatten
+from ..unroll import outer_value
 
 
 class _Reads(TorchFunctionMode):
@@ -97,7 +98,7 @@ def refuse_unread(est: object, problem, hparams: PyTree, w0: PyTree, inner_batch
 
     def losses(h):
         return (call_loss(problem.inner_loss, "inner_loss", w0, h, batch_at(inner_batch, 0)),
-                call_loss(problem.outer_loss, "outer_loss", w0, h, batch_at(outer_batch, 0)))
+                outer_value(problem, w0, h, outer_batch))
 
     unread = unread_leaves(losses, hparams)
     if unread:
@@ -123,8 +124,7 @@ def refuse_first_order(est: object, problem, solver, hparams: PyTree, params0: P
 
     def reads(h):
         w = problem.start(h, params0) if problem.init is not None else tree_detach(params0)
-        f = call_loss(problem.outer_loss, "outer_loss", tree_detach(w), h,
-                      batch_at(outer_batch, 0))
+        f = outer_value(problem, tree_detach(w), h, outer_batch)
         return (f, w) if problem.init is not None else f
 
     unread = unread_leaves(reads, hparams)

@@ -293,7 +293,26 @@ class MetaLearner:
         (:mod:`meta.algorithms.head_only`)."""
         if self.split is not None and self.cache_features:
             return self.head_problem()
-        return bl.BilevelProblem(self.task_loss, self.task_loss, init=self._init_or_none())
+        return bl.BilevelProblem(self.task_loss, self.query_loss, init=self._init_or_none(),
+                                 has_aux=self._aux())
+
+    def _aux(self) -> bool:
+        """The outer (query) loss carries the query accuracy as its aux output (classification):
+        the accuracy comes from the logits of the loss's own forward, no second forward."""
+        return self.loss_name == "cross_entropy"
+
+    def _with_metric(self, out: torch.Tensor, y: torch.Tensor):
+        """``L(out, y)``, plus ``{"accuracy": mean(argmax out == y)}`` when :meth:`_aux`."""
+        loss = self.loss_fn(out, y)
+        if not self._aux():
+            return loss
+        return loss, {"accuracy": (out.detach().argmax(-1) == y).to(out.dtype).mean()}
+
+    def query_loss(self, params: Params, hparams: Params, batch: Split):
+        """The outer loss of the training problem: :meth:`task_loss` on the query set, with
+        the query accuracy as aux (classification; see :meth:`_aux`)."""
+        x, y = batch
+        return self._with_metric(self.forward(params, hparams, x), y)
 
     # ------------------------------------------------------------------ functional model
     @property
@@ -398,9 +417,10 @@ class MetaLearner:
             return self.loss_fn(self.head_out(w, h, h[FEAT_S]), batch[1])
 
         def query_loss(w, h, batch):
-            return self.loss_fn(self.head_out(w, h, h[FEAT_Q]), batch[1])
+            return self._with_metric(self.head_out(w, h, h[FEAT_Q]), batch[1])
 
-        return bl.BilevelProblem(support_loss, query_loss, init=self._init_or_none())
+        return bl.BilevelProblem(support_loss, query_loss, init=self._init_or_none(),
+                                 has_aux=self._aux())
 
     # ------------------------------------------------------------------ meta-gradient
     def task_hypergrad(self, hparams: Params, task: TaskBatch, *, check: bool = True
@@ -420,7 +440,7 @@ class MetaLearner:
         grad = {n: res.grad[n] for n in head_hp}
         grad.update(g_body)
         return bl.HypergradResult({n: grad[n] for n in hparams}, res.params, res.outer_loss,
-                                  res.info)
+                                  res.info, res.state, res.aux)
 
     def batch_hypergrad(self, batch: TaskBatch, hparams: Params | None = None
                         ) -> bl.HypergradResult:
@@ -455,8 +475,8 @@ class MetaLearner:
             grads = {n: g.mean(0) for n, g in res.grad.items()}
             info = dict(res.info)
             if metric is not None:
-                with torch.no_grad():
-                    info["accuracy"] = self._per_task(metric, res.params, batch.query)
+                info["accuracy"] = self._accuracy(res, metric, res.params, batch.query,
+                                                  batched=True)
             return grads, bl.HypergradResult(None, res.params if keep_adapted else None,
                                              res.outer_loss, info)
         total: Params | None = None
@@ -471,12 +491,20 @@ class MetaLearner:
                     total[n] = total[n] + g
             info = dict(r.info)
             if metric is not None:
-                with torch.no_grad():
-                    info["accuracy"] = metric(r.params, task.query)
+                info["accuracy"] = self._accuracy(r, metric, r.params, task.query)
             results.append(bl.HypergradResult(None, r.params if keep_adapted else None,
                                               r.outer_loss, info))
         assert total is not None
         return {n: g / batch.num_tasks for n, g in total.items()}, _stack(results)
+
+    def _accuracy(self, res: bl.HypergradResult, metric, params, query, batched=False):
+        """The query accuracy the outer loss returned as aux (no extra forward); a separate
+        forward at the adapted parameters only for a problem without it (a subclass's own
+        :meth:`problem`)."""
+        if isinstance(res.aux, dict) and "accuracy" in res.aux:
+            return res.aux["accuracy"]
+        with torch.no_grad():
+            return self._per_task(metric, params, query) if batched else metric(params, query)
 
     def accumulate(self, grads: Params) -> None:
         """Add ``grads`` to the ``.grad`` of the named model parameters (like ``backward``)."""

@@ -108,7 +108,8 @@ class IMAML(MetaLearner):
             scale, c1 = 1.0 / (self.reg + 10.0), 1.0 + self.cg_damping
             inner = bl.proximal(lambda p, h, b: scale * self.task_loss(p, h, b), c1,
                                 center=lambda h: {n: v / c1 for n, v in h.items()})
-        return bl.BilevelProblem(inner, self.task_loss, init=self.inner_init)
+        return bl.BilevelProblem(inner, self.query_loss, init=self.inner_init,
+                                 has_aux=self._aux())
 
     def solver(self, train: bool = True) -> bl.InnerSolver:
         if self.official and train:
