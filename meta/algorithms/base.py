@@ -423,17 +423,33 @@ class MetaLearner:
                                  has_aux=self._aux())
 
     # ------------------------------------------------------------------ meta-gradient
+    def train_problem(self, head: bool = False) -> bl.BilevelProblem:
+        """:meth:`problem` ``(True)`` (``head=True``: :meth:`head_problem`), built once and
+        reused while the learner's settings are unchanged: the same loss functions every task
+        and every meta-iteration, so the estimators' once-per-problem checks (the refusals of
+        unread hyperparameters: a forward and a backward) run once, not per task, and a
+        compiled step sees the same closures (no recompiles)."""
+        key = (head, self.loss_fn, tuple(sorted(
+            (k, v) for k, v in vars(self).items()
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))))))
+        cache = self.__dict__.setdefault("_problems", {})
+        if key not in cache:
+            if len(cache) > 8:  # settings changed many times: drop the stale problems
+                cache.clear()
+            cache[key] = self.head_problem() if head else self.problem(True)
+        return cache[key]
+
     def task_hypergrad(self, hparams: Params, task: TaskBatch, *, check: bool = True
                        ) -> bl.HypergradResult:
         """``bl.hypergrad`` of one task (no task dim): grads for the meta-parameters."""
         if self.split is None or not self.cache_features:
-            return bl.hypergrad(self.problem(True), hparams, task.support, task.query,
+            return bl.hypergrad(self.train_problem(), hparams, task.support, task.query,
                                 solver=self.solver(True), estimator=self.estimator,
                                 params0=self.params0(), check=check)
         (xs, ys), (xq, yq) = task.support, task.query
         body, head_hp = self.split.split(hparams)
         (fs, fq), pull = bl.autodiff.vjp(lambda b: (self.embed(b, xs), self.embed(b, xq)), body)
-        res = bl.hypergrad(self.head_problem(), {**head_hp, FEAT_S: fs, FEAT_Q: fq},
+        res = bl.hypergrad(self.train_problem(head=True), {**head_hp, FEAT_S: fs, FEAT_Q: fq},
                            (xs, ys), (xq, yq), solver=self.solver(True),
                            estimator=self.estimator, params0=self.params0(), check=check)
         (g_body,) = pull((res.grad[FEAT_S], res.grad[FEAT_Q]))
