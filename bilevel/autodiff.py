@@ -58,8 +58,10 @@ def _transform_active() -> bool:
 
 
 def eager() -> bool:
-    """True when derivatives here run on plain autograd (no torch.func transform active)."""
-    return _EAGER and not _transform_active()
+    """True when derivatives here run on plain autograd (no torch.func transform active, not
+    inside ``torch.compile``: Dynamo traces ``torch.func`` transforms, not
+    ``torch.autograd.grad``)."""
+    return _EAGER and not torch.compiler.is_compiling() and not _transform_active()
 
 
 def _requires_grad(tree: Any) -> bool:

@@ -52,7 +52,7 @@ class ForwardMode(Estimator):
 
         def objective(h):
             carry = start_carry(problem, solver, h, params0, state0)
-            (w_K, s_K), losses = run(problem, solver, h, PerStep(inner.__getitem__), carry,
+            (w_K, s_K), losses = run(problem, solver, h, PerStep(lambda k: inner[k]), carry,
                                      solver.steps)
             f, aux = outer_value_aux(problem, w_K, h, outer)
             return f, (tree_detach(w_K), state_out(s_K), stack_losses(losses, f), aux)

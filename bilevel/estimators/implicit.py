@@ -98,6 +98,11 @@ class Implicit(Estimator):
             warn_once(self, "nosteps", "Implicit with a 0-step inner solver: w_0 is used as the "
                       "inner solution")
 
+    def precheck(self, problem, solver, hparams, inner_batch, outer_batch, params0,
+                 state0=None):
+        w0 = tree_detach(start_carry(problem, solver, tree_detach(hparams), params0, state0))[0]
+        refuse_unread(self, problem, hparams, w0, inner_batch, outer_batch)
+
     def __call__(self, problem, solver, hparams, inner_batch, outer_batch, params0,
                  state0=None):
         const = tree_detach(hparams)

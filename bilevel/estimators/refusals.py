@@ -90,7 +90,10 @@ def _key(problem, hparams: PyTree, *extra) -> tuple:
 def refuse_unread(est: object, problem, hparams: PyTree, w0: PyTree, inner_batch: Any,
                   outer_batch: Any) -> None:
     """Implicit/HistoryFree: every leaf must be read by g or f (evaluated at w_0, detached).
-    Checked once per estimator and (problem, hparams structure)."""
+    Checked once per estimator and (problem, hparams structure); skipped while Dynamo traces
+    (:class:`bilevel.CompiledHypergrad` runs it eagerly first, via ``precheck``)."""
+    if torch.compiler.is_compiling():
+        return
     key = _key(problem, hparams)
     if key in est.__dict__.get("_checked_reads", []):
         return
@@ -116,7 +119,7 @@ def refuse_unread(est: object, problem, hparams: PyTree, w0: PyTree, inner_batch
 def refuse_first_order(est: object, problem, solver, hparams: PyTree, params0: PyTree | None,
                        outer_batch: Any) -> None:
     """FirstOrder: every leaf must be read by f or by init (ĝ is 0 for the others)."""
-    if solver.steps == 0:
+    if solver.steps == 0 or torch.compiler.is_compiling():  # (compiled: prechecked eagerly)
         return  # w_K = w_0: the first-order hypergradient is exact
     key = _key(problem, hparams, params0 is None)
     if key in est.__dict__.get("_checked_reads", []):
