@@ -187,7 +187,7 @@ class MetaLearner:
                  loss: str | Callable = "cross_entropy", eval_inner_steps: int | None = None,
                  eval_inner_lr: float | None = None, randomness: str = "different",
                  head: str | None = None, backbone: str | Callable | None = None,
-                 cache_features: bool | None = None):
+                 cache_features: bool | None = None, compile: bool | dict = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not any(True for _ in model.parameters()):
@@ -240,6 +240,11 @@ class MetaLearner:
         self.randomness = randomness
         self.estimator = self.default_estimator() if estimator is None else estimator
         self.check_estimator(self.estimator)
+        if not (isinstance(compile, bool) or isinstance(compile, dict)):
+            raise TypeError(f"compile must be True, False or a dict of torch.compile options "
+                            f"(backend=, mode=, dynamic=, fullgraph=), got "
+                            f"{type(compile).__name__}")
+        self.compile = compile
         self._checked = False
         self._consts: Params = self.constants()
 
@@ -439,19 +444,48 @@ class MetaLearner:
             cache[key] = self.head_problem() if head else self.problem(True)
         return cache[key]
 
+    def _hypergrad_fn(self, head: bool = False, batched: bool = False):
+        """``bl.hypergrad`` (eager) or the cached :class:`bilevel.CompiledHypergrad` of the
+        training problem (``compile=``): one compiled graph per (problem, solver, estimator),
+        reused by every task and meta-iteration. ``batched``: the vmapped graph over tasks
+        (``in_dims``: support and query batched, θ shared)."""
+        problem = self.train_problem(head=head)
+        if not self.compile:
+            return None
+        solver = self.solver(True)
+        key = (id(problem), repr(solver), id(self.estimator), batched)
+        cache = self.__dict__.setdefault("_compiled", {})
+        if key not in cache:
+            options = {} if self.compile is True else dict(self.compile)
+            cache.clear()  # settings changed: the old graphs no longer apply
+            cache[key] = bl.compiled_hypergrad(
+                problem, solver=solver, estimator=self.estimator,
+                in_dims=(None, 0, 0) if batched else None, randomness=self.randomness,
+                **options)
+        return cache[key]
+
     def task_hypergrad(self, hparams: Params, task: TaskBatch, *, check: bool = True
                        ) -> bl.HypergradResult:
         """``bl.hypergrad`` of one task (no task dim): grads for the meta-parameters."""
         if self.split is None or not self.cache_features:
+            hg = self._hypergrad_fn()
+            if hg is not None and not bl.autodiff._transform_active():
+                return hg(hparams, task.support, task.query, params0=self.params0())
             return bl.hypergrad(self.train_problem(), hparams, task.support, task.query,
                                 solver=self.solver(True), estimator=self.estimator,
                                 params0=self.params0(), check=check)
         (xs, ys), (xq, yq) = task.support, task.query
         body, head_hp = self.split.split(hparams)
         (fs, fq), pull = bl.autodiff.vjp(lambda b: (self.embed(b, xs), self.embed(b, xq)), body)
-        res = bl.hypergrad(self.train_problem(head=True), {**head_hp, FEAT_S: fs, FEAT_Q: fq},
-                           (xs, ys), (xq, yq), solver=self.solver(True),
-                           estimator=self.estimator, params0=self.params0(), check=check)
+        hg = self._hypergrad_fn(head=True)
+        if hg is not None and not bl.autodiff._transform_active():
+            res = hg({**head_hp, FEAT_S: fs, FEAT_Q: fq}, (xs, ys), (xq, yq),
+                     params0=self.params0())
+        else:
+            res = bl.hypergrad(self.train_problem(head=True),
+                               {**head_hp, FEAT_S: fs, FEAT_Q: fq}, (xs, ys), (xq, yq),
+                               solver=self.solver(True), estimator=self.estimator,
+                               params0=self.params0(), check=check)
         (g_body,) = pull((res.grad[FEAT_S], res.grad[FEAT_Q]))
         grad = {n: res.grad[n] for n in head_hp}
         grad.update(g_body)
@@ -465,6 +499,17 @@ class MetaLearner:
         self._consts = self.constants()
         hparams = self.hparams() if hparams is None else hparams
         if self.use_vmap():
+            hg = self._hypergrad_fn(batched=True) if self.split is None or \
+                not self.cache_features else None
+            if hg is not None:  # one compiled graph of vmap(task hypergradient)
+                return hg(hparams, batch.support, batch.query, params0=self.params0())
+            if self.compile and not self.__dict__.get("_warned_compile"):
+                self._warned_compile = True
+                bl.compiled.compile_fallback(
+                    f"{type(self).__name__}(compile=..., vectorize=True)",
+                    "the head-only learners' vmapped step (backbone features, then the head "
+                    "problem) is not compiled; use vectorize=False for a compiled per-task "
+                    "head problem")
             res = self._vmap(lambda task: self.task_hypergrad(hparams, task, check=False))(batch)
             bl.check_result(res, strict=True, owner=self.estimator)
             return res

@@ -79,7 +79,8 @@ class IMAML(MetaLearner):
                  cg_damping: float = 1.0, vectorize: bool | None = None,
                  estimator: bl.Estimator | None = None, loss: str | Callable = "cross_entropy",
                  eval_inner_steps: int | None = None, eval_inner_lr: float | None = None,
-                 randomness: str = "different"):
+                 randomness: str = "different",
+                 compile: bool | dict = False):
         if not isinstance(reg, (int, float)) or not reg > 0:
             raise ValueError(f"reg must be a positive number, got {reg!r}")
         if not isinstance(cg_iters, int) or cg_iters < 0:
@@ -93,7 +94,7 @@ class IMAML(MetaLearner):
         self.cg_damping = float(cg_damping)
         super().__init__(model, inner_lr, inner_steps, vectorize=vectorize, estimator=estimator,
                          loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr,
-                         randomness=randomness)
+                         randomness=randomness, compile=compile)
 
     def default_estimator(self) -> bl.Estimator:
         stationarity = None if self.official else 0.1  # the official φ is not a stationary point
