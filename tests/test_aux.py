@@ -18,8 +18,8 @@ DT = torch.float64
 N, D = 12, 4
 
 ESTIMATORS = [bl.Unrolled(), bl.Truncated(2), bl.Checkpointed(), bl.ForwardMode(),
-              bl.Implicit(bl.CG(iters=8, tol=0.0), stationarity_rtol=None),
-              bl.HistoryFree(iters=8), bl.FirstOrder()]
+              bl.Implicit(bl.CG(iters=4, tol=0.0), stationarity_rtol=None),
+              bl.HistoryFree(iters=4), bl.FirstOrder()]
 
 
 def data(seed: int = 0, tasks: int | None = None):
@@ -57,7 +57,7 @@ def rel(a, b):
     return num / max(den, 1e-300)
 
 
-KW = dict(solver=bl.GradientDescent(0.1, 6), params0=torch.zeros(D, dtype=DT))
+KW = dict(solver=bl.GradientDescent(0.1, 4), params0=torch.zeros(D, dtype=DT))
 
 
 @pytest.mark.parametrize("est", ESTIMATORS, ids=repr)

@@ -78,6 +78,17 @@ Conventions shared by every learner (the policies for a user's own ``nn.Module``
   CUDA default is not measured here (no GPU in these sessions): one batched kernel per op
   instead of B small ones is the usual GPU win.
   Vmapped and looped meta-gradients agree to ~1e-13 relative in float64 (tested, with BN).
+- Compilation: ``compile=True`` (or a dict of ``torch.compile`` options, e.g.
+  ``{"backend": "aot_eager"}``, ``{"mode": "max-autotune"}``) runs each task's hypergradient
+  through one :class:`bilevel.CompiledHypergrad` per training problem: the inner loop, the
+  second-order backward and the outer gradient in one graph (``torch.func`` inside; batch norm
+  as plain ops, which the compiler fuses), reused by every task and meta-iteration (no
+  recompiles; a new task shape compiles once more). ``vectorize=True`` compiles the vmap over
+  tasks (MAML family, iMAML); the head-only learners' vmapped step and Reptile run eagerly
+  with one warning. The first call compiles (Conv4 on CPU: minutes); same meta-gradient as
+  eager (float64: 1e-10 relative, tested). Without a C++ compiler: eager with one warning.
+- Accuracy: the query accuracy comes from the outer loss's own logits (its aux output,
+  ``BilevelProblem(..., has_aux=True)``): no second query forward per task.
 - DDP / several processes: meta-gradients land in ``.grad`` like ``backward()`` would put them,
   but no ``backward()`` runs, so ``DistributedDataParallel``'s gradient hooks never fire. Give
   the learner the plain module and average ``.grad`` yourself after ``meta_step``:
