@@ -101,6 +101,59 @@ def measure_one(method: str, K: int, tasks: int, width: int, repeats: int,
     return record
 
 
+def interleaved(methods: list[str], K: int, tasks: int, width: int, rounds: int
+                ) -> list[dict[str, Any]]:
+    """All methods in ONE process: each is warmed (the compiled one compiles), then
+    ``rounds`` rounds call every method once in turn (the same load for all), medians."""
+    import torch
+
+    from benchmarks import cases
+    from benchmarks.peers.maml import available_peers
+    torch.set_num_threads(1)
+    bench = cases.build("conv4_maml", K, width, tasks, torch.float32, torch.device("cpu"))
+    import meta
+    xs, ys, xq, yq = _case_data(bench.extra["model"], tasks)
+    bench.extra["data"] = (xs, ys, xq, yq)
+    bench.extra["batch"] = meta.TaskBatch((xs, ys), (xq, yq))
+    peers = available_peers()
+    calls, records = {}, {}
+    for m in methods:
+        rec: dict[str, Any] = {"method": m, "K": K, "tasks": tasks, "width": width,
+                               "threads": 1, "protocol": "interleaved"}
+        if m in PEER_FN:
+            ok, why = peers.get(m, (True, ""))
+            rec["peer_version"] = why
+            if not ok:
+                rec.update(status="skipped", reason=why)
+                records[m] = rec
+                continue
+        calls[m] = _grads(m, bench, K)
+        t0 = time.perf_counter()
+        g = calls[m]()
+        rec["first_call_s"] = time.perf_counter() - t0
+        rec["flat"] = torch.cat([x.detach().reshape(-1).double() for x in g])
+        rec["samples"] = []
+        records[m] = rec
+        print(f"# warmed {m}: {rec['first_call_s']:.1f} s", file=sys.stderr, flush=True)
+    for _ in range(rounds):
+        for m in calls:
+            t0 = time.perf_counter()
+            calls[m]()
+            records[m]["samples"].append(time.perf_counter() - t0)
+    ref = records["eager"]["flat"] if "eager" in calls else None
+    out = []
+    for rec in records.values():
+        if "samples" in rec:
+            rec["time_s"] = statistics.median(rec["samples"])
+            rec["time_samples"] = [round(x, 4) for x in rec.pop("samples")]
+            flat = rec.pop("flat")
+            if ref is not None:
+                rec["rel_vs_eager"] = float((flat - ref).norm() / ref.norm())
+            rec["status"] = "ok"
+        out.append(rec)
+    return out
+
+
 def _case_data(model, tasks: int):
     """The case's episodes (:func:`benchmarks.cases.omniglot_like`, seed 0) in the model's
     dtype."""
@@ -124,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "K"))
     ap.add_argument("--ref")
+    ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                    help="one process per K, all methods interleaved for ROUNDS rounds")
     args = ap.parse_args(argv)
     if args.one:
         rec = measure_one(args.one[0], int(args.one[1]), args.tasks, args.width, args.repeats,
@@ -135,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     order = ["eager"] + [m for m in args.methods if m != "eager"]
-    for K in args.ks:
+    for K in (args.ks if args.interleave else []):
+        for rec in interleaved(order, K, args.tasks, args.width, args.interleave):
+            rec["loadavg"] = round(os.getloadavg()[0], 2)
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+    for K in ([] if args.interleave else args.ks):
         ref = args.out / f".ref_compiled_step_K{K}_B{args.tasks}_w{args.width}.pt"
         for method in order:
             cmd = [sys.executable, "-m", "benchmarks.compiled_step", "--one", method, str(K),
@@ -156,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m benchmarks.compiled_step " + " ".join(argv or sys.argv[1:]),
             "torch": __import__("torch").__version__, "python": platform.python_version(),
             "threads": 1}
-    name = f"compiled_step_B{args.tasks}_w{args.width}"
+    name = f"compiled_step_B{args.tasks}_w{args.width}" + (
+        f"_interleaved_K{'-'.join(map(str, args.ks))}" if args.interleave else "")
     (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "records": records},
                                                       indent=1))
     (args.out / f"{name}.md").write_text(markdown(meta, records))
