@@ -144,10 +144,15 @@ def test_refusals_still_apply_to_a_compiled_hypergradient():
 
 @pytest.mark.skipif(compiler_missing("inductor", torch.device("cpu")) is not None,
                     reason="no C++ compiler for inductor")
-def test_inductor_on_a_small_case():
+def test_inductor_on_a_small_case(monkeypatch):
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # no shared on-disk cache
     hg = bl.compiled_hypergrad(AUX, solver=bl.GradientDescent(0.1, 2), estimator=bl.Unrolled())
     support, query = data(0)
-    res = hg(hp(), support, query, params0=KW["params0"])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = hg(hp(), support, query, params0=KW["params0"])
+    assert not hg.eager, [str(w.message) for w in seen if "eagerly" in str(w.message)]
     ref = bl.hypergrad(AUX, hp(), support, query, estimator=bl.Unrolled(),
                        solver=bl.GradientDescent(0.1, 2), params0=KW["params0"])
     assert not hg.eager
