@@ -5,6 +5,7 @@ min_λ f(w*(λ), λ)  s.t.  w*(λ) ≈ argmin_w g(w, λ); parameters and hyperpa
 
 from . import autodiff, hpo, stochastic
 from .adaptive import Adam, AdamW, RMSprop
+from .compiled import CompiledHypergrad, compiled_hypergrad
 from .data import Minibatches, PerStep
 from .diagnostics import reset_warnings
 from .estimators import (
@@ -33,5 +34,5 @@ __all__ = [
     "Estimator", "Unrolled", "Truncated", "Checkpointed", "Implicit", "ForwardMode", "FirstOrder",
     "HistoryFree", "reset_warnings", "autodiff", "PerStep", "Minibatches", "accumulate_grad",
     "module_problem", "ModuleProblem", "ModuleBilevelProblem", "ModuleSolver", "Online",
-    "stochastic", "hpo",
+    "stochastic", "hpo", "compiled_hypergrad", "CompiledHypergrad",
 ]

@@ -58,8 +58,10 @@ def _transform_active() -> bool:
 
 
 def eager() -> bool:
-    """True when derivatives here run on plain autograd (no torch.func transform active)."""
-    return _EAGER and not _transform_active()
+    """True when derivatives here run on plain autograd (no torch.func transform active, not
+    inside ``torch.compile``: Dynamo traces ``torch.func`` transforms, not
+    ``torch.autograd.grad``)."""
+    return _EAGER and not torch.compiler.is_compiling() and not _transform_active()
 
 
 def _requires_grad(tree: Any) -> bool:
@@ -128,17 +130,21 @@ def grad_and_value(fn: Callable, argnums: int | tuple[int, ...] = 0, has_aux: bo
     return wrapped
 
 
-def vjp(fn: Callable, *primals: Any) -> tuple[Any, Callable]:
+def vjp(fn: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
     """``torch.func.vjp``: ``(fn(*primals), pull)`` with ``pull(cotangents) -> tuple`` of one
-    pytree per primal. The graph is kept while ``pull`` lives (``pull`` may be called again).
+    pytree per primal (``(out, pull, aux)`` with ``has_aux=True``, fn returning ``(out, aux)``).
+    The graph is kept while ``pull`` lives (``pull`` may be called again).
     On plain autograd ``pull(cotangents, only=i)`` pulls back to primal ``i`` alone."""
     if not eager():
-        return tf.vjp(fn, *primals)
+        return tf.vjp(fn, *primals, has_aux=has_aux)
     create_graph = torch.is_grad_enabled() and _requires_grad(primals)
     flat = [tree_flatten(p) for p in primals]
     aliased = [[_alias(x) for x in leaves] for leaves, _ in flat]
     with torch.enable_grad():
         out = fn(*[tree_unflatten(a, spec) for a, (_, spec) in zip(aliased, flat, strict=True)])
+        aux = None
+        if has_aux:
+            out, aux = out
     out_leaves, out_spec = tree_flatten(out)
 
     def pull(cotangents: Any, only: int | None = None) -> tuple[Any, ...]:
@@ -162,4 +168,4 @@ def vjp(fn: Callable, *primals: Any) -> tuple[Any, Callable]:
 
     shown = out if create_graph else tree_unflatten(
         [x.detach() if isinstance(x, torch.Tensor) else x for x in out_leaves], out_spec)
-    return shown, pull
+    return (shown, pull, aux) if has_aux else (shown, pull)

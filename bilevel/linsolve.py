@@ -36,7 +36,11 @@ MatVec = Callable[[PyTree], PyTree]
 
 
 def concrete_bool(t: torch.Tensor) -> bool | None:
-    """``bool(t)`` outside vmap; ``None`` where the value is not concrete (inside vmap)."""
+    """``bool(t)`` outside vmap; ``None`` where the value is not concrete (inside vmap, or
+    traced by ``torch.compile``: the callers then take their masked fixed-iteration path
+    instead of a data-dependent branch)."""
+    if torch.compiler.is_compiling():
+        return None
     try:
         return bool(t)
     except RuntimeError:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._pytree import register_pytree_node
+from torch.utils._pytree import register_pytree_node, tree_map
 
 from .pytree import PyTree, tree_paths
 
@@ -33,11 +33,17 @@ class BilevelProblem:
     ``init`` is for problems whose inner start point depends on the hyperparameters (MAML-type:
     ``init=lambda h: h``). Leave it ``None`` and pass ``params0`` to :func:`bilevel.hypergrad`
     when the start point is fixed (hyperparameter optimisation).
+
+    ``has_aux=True``: ``outer_loss`` returns ``(f, aux)``, ``aux`` a pytree of tensors computed
+    alongside f (e.g. the query accuracy from the same logits: no second forward). Every
+    estimator returns it, detached, as ``res.aux`` (evaluated at w_K, like ``res.outer_loss``);
+    under ``vmap`` it is stacked like the other outputs. Without aux ``res.aux`` is ``()``.
     """
 
     inner_loss: Loss
     outer_loss: Loss
     init: Callable[[PyTree], PyTree] | None = None
+    has_aux: bool = False
 
     def __post_init__(self) -> None:
         for name in ("inner_loss", "outer_loss"):
@@ -65,18 +71,21 @@ class HypergradResult:
     ``outer_loss``: f(w_K, λ); ``info``: tensors (inner-loss trace, linear-solve residual,
     ``warnings/<kind>`` counts...); ``state``: the solver state s_K after the last inner step
     (detached; ``()`` for stateless solvers), to warm-start the next call with
-    ``hypergrad(..., params0=res.params, state0=res.state)``. A pytree: ``vmap`` returns it."""
+    ``hypergrad(..., params0=res.params, state0=res.state)``; ``aux``: the outer loss's
+    auxiliary output at w_K (detached) for a ``BilevelProblem(..., has_aux=True)``, else ``()``.
+    A pytree: ``vmap`` returns it."""
 
     grad: PyTree
     params: PyTree
     outer_loss: torch.Tensor
     info: dict[str, torch.Tensor] = field(default_factory=dict)
     state: PyTree = ()
+    aux: PyTree = ()
 
 
 register_pytree_node(
     HypergradResult,
-    lambda r: ([r.grad, r.params, r.outer_loss, r.info, r.state], None),
+    lambda r: ([r.grad, r.params, r.outer_loss, r.info, r.state, r.aux], None),
     lambda c, _: HypergradResult(*c),
 )
 
@@ -106,8 +115,11 @@ def describe_leaves(what: str, tree: PyTree, limit: int = 8) -> str:
     return (", ".join(names) + more) if names else f"{what} (empty)"
 
 
-def call_loss(fn: Loss, name: str, params: PyTree, hparams: PyTree, batch: Any) -> torch.Tensor:
-    """Evaluate a loss, turning structure mismatches and non-scalar outputs into clear errors.
+def call_loss(fn: Loss, name: str, params: PyTree, hparams: PyTree, batch: Any,
+              has_aux: bool = False):
+    """Evaluate a loss, turning structure mismatches and non-scalar outputs into clear errors;
+    with ``has_aux`` the loss returns ``(scalar, aux)`` and ``(scalar, detached aux)`` is
+    returned.
 
     A ``KeyError`` (a params/hparams lookup) is reported as a structure mismatch, naming the
     leaves; an ``IndexError``/``AttributeError`` is re-raised as :class:`BilevelError` naming
@@ -127,6 +139,19 @@ def call_loss(fn: Loss, name: str, params: PyTree, hparams: PyTree, batch: Any) 
         if hasattr(e, "add_note") and not isinstance(e, BilevelError):
             e.add_note(f"(raised in {name}(params, hparams, batch))")
         raise
+    if has_aux:
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise BilevelError(f"{name} must return a pair (loss, aux) for a "
+                               f"BilevelProblem(..., has_aux=True), got "
+                               f"{type(out).__name__}")
+        out, aux = out
+        _check_scalar(out, name)
+        return out, tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux)
+    _check_scalar(out, name)
+    return out
+
+
+def _check_scalar(out: Any, name: str) -> None:
     if not isinstance(out, torch.Tensor):
         raise BilevelError(f"{name} returned {type(out).__name__}, expected a scalar tensor")
     if out.dim() != 0:
@@ -134,4 +159,3 @@ def call_loss(fn: Loss, name: str, params: PyTree, hparams: PyTree, batch: Any) 
                            f"it must return a scalar (reduce with .mean() or .sum())")
     if not out.is_floating_point():
         raise BilevelError(f"{name} returned dtype {out.dtype}, expected a floating scalar")
-    return out

@@ -102,7 +102,14 @@ def state_out(state: PyTree) -> PyTree:
 
 def outer_value(problem: BilevelProblem, params: PyTree, hparams: PyTree, batch: Any):
     """f(w, λ, b^out); a :class:`bilevel.PerStep` outer batch is evaluated at k = 0."""
-    return call_loss(problem.outer_loss, "outer_loss", params, hparams, batch_at(batch, 0))
+    return outer_value_aux(problem, params, hparams, batch)[0]
+
+
+def outer_value_aux(problem: BilevelProblem, params: PyTree, hparams: PyTree, batch: Any):
+    """``(f(w, λ, b^out), aux)``: aux (detached) of a ``has_aux`` problem, else ``()``."""
+    out = call_loss(problem.outer_loss, "outer_loss", params, hparams, batch_at(batch, 0),
+                    has_aux=problem.has_aux)
+    return out if problem.has_aux else (out, ())
 
 
 def tail_hypergrad(problem: BilevelProblem, solver: InnerSolver, hparams: PyTree,
@@ -129,10 +136,10 @@ def tail_hypergrad(problem: BilevelProblem, solver: InnerSolver, hparams: PyTree
             w = tree_map(torch.add, problem.init(h), delta)
         (w_K, s_K), losses = run(problem, solver, h, inner_batch, (w, s_pre), tracked,
                                  start=steps - tracked)
-        f = outer_value(problem, w_K, h, outer_batch)
-        return f, (tree_detach(w_K), state_out(s_K), losses)
+        f, aux = outer_value_aux(problem, w_K, h, outer_batch)
+        return f, (tree_detach(w_K), state_out(s_K), losses, aux)
 
-    grads, (f, (w_K, s_K, losses)) = grad_and_value(objective, has_aux=True)(
+    grads, (f, (w_K, s_K, losses, aux)) = grad_and_value(objective, has_aux=True)(
         hparams, inner_batch, outer_batch)
     trace = stack_losses(pre_losses + list(losses), f)
-    return HypergradResult(grads, w_K, f.detach(), {"inner_loss": trace}, s_K)
+    return HypergradResult(grads, w_K, f.detach(), {"inner_loss": trace}, s_K, aux)

@@ -73,8 +73,10 @@ class BatchNorm(nn.Module):
 
 
 def _only_grad_transforms() -> bool:
-    """True unless a vmap/jvp/functionalize transform is active (where F.batch_norm is unsafe)."""
-    if retrieve_all_functorch_interpreters is None:
+    """True unless a vmap/jvp/functionalize transform is active (where F.batch_norm is unsafe).
+    False while ``torch.compile`` traces (the interpreter stack is not traceable; the plain-op
+    batch norm is exact everywhere and the compiler fuses it)."""
+    if retrieve_all_functorch_interpreters is None or torch.compiler.is_compiling():
         return False
     return all(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())
 

@@ -23,6 +23,12 @@ class Estimator:
     def validate(self, problem: BilevelProblem, solver: InnerSolver, hparams: PyTree) -> None:
         """Raise or warn on estimator/solver combinations that make no sense."""
 
+    def precheck(self, problem: BilevelProblem, solver: InnerSolver, hparams: PyTree,
+                 inner_batch: Any, outer_batch: Any, params0: PyTree | None,
+                 state0: PyTree | None = None) -> None:
+        """The once-per-problem structural checks of :meth:`__call__` (refusals), run ahead
+        of a compiled call (they need concrete values; the call then finds them done)."""
+
     def __call__(self, problem: BilevelProblem, solver: InnerSolver, hparams: PyTree,
                  inner_batch: Any, outer_batch: Any, params0: PyTree | None,
                  state0: PyTree | None = None) -> HypergradResult:

@@ -25,7 +25,7 @@ import torch
 from ..autodiff import vjp
 from ..problem import BilevelError, HypergradResult
 from ..pytree import tree_add, tree_detach, tree_zeros_like
-from ..unroll import outer_value, run, stack_losses, start_carry, state_out
+from ..unroll import outer_value_aux, run, stack_losses, start_carry, state_out
 from .base import Estimator
 
 
@@ -62,7 +62,8 @@ class Checkpointed(Estimator):
             losses += seg_losses
         w_K, s_K = carry
 
-        f, pull_outer = vjp(lambda w, h: outer_value(problem, w, h, outer_batch), w_K, hparams)
+        f, pull_outer, aux = vjp(lambda w, h: outer_value_aux(problem, w, h, outer_batch),
+                                 w_K, hparams, has_aux=True)
         u_w, grads = pull_outer(torch.ones_like(f))
         u = (u_w, tree_zeros_like(s_K))
         for n, k0, checkpoint in zip(reversed(lengths), reversed(starts), reversed(checkpoints),
@@ -76,4 +77,4 @@ class Checkpointed(Estimator):
             _, pull_init = vjp(problem.init, hparams)
             grads = tree_add(grads, pull_init(u[0])[0])
         info = {"inner_loss": stack_losses(losses, f), "segments": torch.tensor(len(lengths))}
-        return HypergradResult(grads, w_K, f.detach(), info, state_out(s_K))
+        return HypergradResult(grads, w_K, f.detach(), info, state_out(s_K), aux)

@@ -24,6 +24,10 @@ from .refusals import refuse_first_order
 class FirstOrder(Estimator):
     """FO-MAML: differentiate f(w_K, λ) with the inner trajectory held constant."""
 
+    def precheck(self, problem, solver, hparams, inner_batch, outer_batch, params0,
+                 state0=None):
+        refuse_first_order(self, problem, solver, hparams, params0, outer_batch)
+
     def __call__(self, problem, solver, hparams, inner_batch, outer_batch, params0,
                  state0=None):
         refuse_first_order(self, problem, solver, hparams, params0, outer_batch)

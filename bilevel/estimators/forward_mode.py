@@ -29,7 +29,7 @@ from torch.func import jvp, vmap
 from ..data import PerStep, batch_at
 from ..problem import BilevelError, HypergradResult
 from ..pytree import tree_basis, tree_detach, tree_from_vector, tree_leaves, tree_map, tree_numel
-from ..unroll import outer_value, run, stack_losses, start_carry, state_out
+from ..unroll import outer_value_aux, run, stack_losses, start_carry, state_out
 from .base import Estimator, warn_once
 
 
@@ -115,18 +115,19 @@ class ForwardMode(Estimator):
 
         def objective(h):
             carry = start_carry(problem, solver, h, params0, state0)
-            (w_K, s_K), losses = run(problem, solver, h, PerStep(inner.__getitem__), carry,
+            (w_K, s_K), losses = run(problem, solver, h, PerStep(lambda k: inner[k]), carry,
                                      solver.steps)
-            f = outer_value(problem, w_K, h, outer)
-            return f, (tree_detach(w_K), state_out(s_K), stack_losses(losses, f))
+            f, aux = outer_value_aux(problem, w_K, h, outer)
+            return f, (tree_detach(w_K), state_out(s_K), stack_losses(losses, f), aux)
 
         def directional(tangent):
             f, df, aux = jvp(objective, (hparams,), (tangent,), has_aux=True)
             return df, f, aux
 
-        dfs, f, (w_K, s_K, trace) = vmap(directional, chunk_size=self.chunk_size)(
+        dfs, f, (w_K, s_K, trace, aux) = vmap(directional, chunk_size=self.chunk_size)(
             tree_basis(hparams))
         grads = tree_from_vector(dfs, hparams)
         first = lambda t: t[0]  # noqa: E731  (vmap broadcast the primal outputs)
         return HypergradResult(grads, tree_map(first, w_K), f[0].detach(),
-                               {"inner_loss": trace[0]}, tree_map(first, s_K))
+                               {"inner_loss": trace[0]}, tree_map(first, s_K),
+                               tree_map(first, aux))

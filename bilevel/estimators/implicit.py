@@ -27,7 +27,7 @@ from ..linsolve import CG, Neumann
 from ..problem import BilevelError, HypergradResult, call_loss
 from ..pytree import tree_detach, tree_norm, tree_sub
 from ..solvers import SAM, SignGD
-from ..unroll import outer_value, run, stack_losses, start_carry, state_out
+from ..unroll import outer_value_aux, run, stack_losses, start_carry, state_out
 from .base import Estimator, warn_once
 from .refusals import refuse_unread
 
@@ -103,6 +103,11 @@ class Implicit(Estimator):
             warn_once(self, "nosteps", "Implicit with a 0-step inner solver: w_0 is used as the "
                       "inner solution")
 
+    def precheck(self, problem, solver, hparams, inner_batch, outer_batch, params0,
+                 state0=None):
+        w0 = tree_detach(start_carry(problem, solver, tree_detach(hparams), params0, state0))[0]
+        refuse_unread(self, problem, hparams, w0, inner_batch, outer_batch)
+
     def __call__(self, problem, solver, hparams, inner_batch, outer_batch, params0,
                  state0=None):
         const = tree_detach(hparams)
@@ -141,9 +146,9 @@ class Implicit(Estimator):
         def inner_grad(w, h, batch):
             return grad_and_value(inner_loss)(w, h, batch)[0]
 
-        (gw_f, gh_f), f = grad_and_value(
-            lambda w, h, batch: outer_value(problem, w, h, batch), argnums=(0, 1))(
-                w_K, hparams, outer_batch)
+        (gw_f, gh_f), (f, aux) = grad_and_value(
+            lambda w, h, batch: outer_value_aux(problem, w, h, batch), argnums=(0, 1),
+            has_aux=True)(w_K, hparams, outer_batch)
 
         if fresh is None and eager() and self.hvp != "forward":
             # plain autograd: ONE graph of ∇_w g(w_K, λ) serves every H·v (pulled back to w
@@ -165,7 +170,7 @@ class Implicit(Estimator):
             info["inner_grad_norm0"] = tree_norm(inner_grad(w_0, const, fixed))
         info.update({f"linsolve_{k}": t for k, t in solve_info.items()})
         self._warn(problem, info, mixed)
-        res = HypergradResult(grads, w_K, f.detach(), info, state)
+        res = HypergradResult(grads, w_K, f.detach(), info, state, aux)
         if check:  # a direct call: flag and warn here (hypergrad checks its own result)
             from ..diagnostics import flags
             from ..hypergrad import _check_result

@@ -41,6 +41,7 @@ from ..pytree import (
     tree_paths,
     tree_unflatten,
 )
+from ..unroll import outer_value
 
 
 class _Reads(TorchFunctionMode):
@@ -130,7 +131,10 @@ def refuse_unread(est: object, problem, hparams: PyTree, w0: PyTree, inner_batch
                   outer_batch: Any, solver=None, state: PyTree = None) -> None:
     """Implicit/HistoryFree: every leaf must be read by g or f (evaluated at w_0, detached), and
     none by the solver (one dummy step from (w_0, s_0)).
-    Checked once per estimator and (problem, solver, hparams structure)."""
+    Checked once per estimator and (problem, solver, hparams structure); skipped while Dynamo
+    traces (:class:`bilevel.CompiledHypergrad` runs it eagerly first, via ``precheck``)."""
+    if torch.compiler.is_compiling():
+        return
     key = _key(problem, hparams, None if solver is None else (type(solver), repr(solver)))
     if key in est.__dict__.get("_checked_reads", []):
         return
@@ -141,7 +145,7 @@ def refuse_unread(est: object, problem, hparams: PyTree, w0: PyTree, inner_batch
 
     def losses(h):
         return (call_loss(problem.inner_loss, "inner_loss", w0, h, batch_at(inner_batch, 0)),
-                call_loss(problem.outer_loss, "outer_loss", w0, h, batch_at(outer_batch, 0)))
+                outer_value(problem, w0, h, outer_batch))
 
     unread = unread_leaves(losses, hparams)
     if by_solver:
@@ -179,7 +183,7 @@ def refuse_unread(est: object, problem, hparams: PyTree, w0: PyTree, inner_batch
 def refuse_first_order(est: object, problem, solver, hparams: PyTree, params0: PyTree | None,
                        outer_batch: Any) -> None:
     """FirstOrder: every leaf must be read by f or by init (ĝ is 0 for the others)."""
-    if solver.steps == 0:
+    if solver.steps == 0 or torch.compiler.is_compiling():  # (compiled: prechecked eagerly)
         return  # w_K = w_0: the first-order hypergradient is exact
     key = _key(problem, hparams, params0 is None)
     if key in est.__dict__.get("_checked_reads", []):
@@ -187,8 +191,7 @@ def refuse_first_order(est: object, problem, solver, hparams: PyTree, params0: P
 
     def reads(h):
         w = problem.start(h, params0) if problem.init is not None else tree_detach(params0)
-        f = call_loss(problem.outer_loss, "outer_loss", tree_detach(w), h,
-                      batch_at(outer_batch, 0))
+        f = outer_value(problem, tree_detach(w), h, outer_batch)
         return (f, w) if problem.init is not None else f
 
     unread = unread_leaves(reads, hparams)

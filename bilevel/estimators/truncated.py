@@ -37,6 +37,11 @@ class Truncated(Estimator):
             raise BilevelError(f"Truncated(steps={self.steps}) tracks more steps than the solver "
                                f"runs ({solver.steps}); use at most {solver.steps} or Unrolled()")
 
+    def precheck(self, problem, solver, hparams, inner_batch, outer_batch, params0,
+                 state0=None):
+        if self.steps == 0:
+            refuse_first_order(self, problem, solver, hparams, params0, outer_batch)
+
     def __call__(self, problem, solver, hparams, inner_batch, outer_batch, params0,
                  state0=None):
         if self.steps == 0:  # = FirstOrder: the same exact-zero leaves are refused

@@ -79,7 +79,8 @@ class IMAML(MetaLearner):
                  cg_damping: float = 1.0, vectorize: bool | None = None,
                  estimator: bl.Estimator | None = None, loss: str | Callable = "cross_entropy",
                  eval_inner_steps: int | None = None, eval_inner_lr: float | None = None,
-                 randomness: str = "different"):
+                 randomness: str = "different",
+                 compile: bool | dict = False):
         if not isinstance(reg, (int, float)) or not reg > 0:
             raise ValueError(f"reg must be a positive number, got {reg!r}")
         if not isinstance(cg_iters, int) or cg_iters < 0:
@@ -93,7 +94,7 @@ class IMAML(MetaLearner):
         self.cg_damping = float(cg_damping)
         super().__init__(model, inner_lr, inner_steps, vectorize=vectorize, estimator=estimator,
                          loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr,
-                         randomness=randomness)
+                         randomness=randomness, compile=compile)
 
     def default_estimator(self) -> bl.Estimator:
         stationarity = None if self.official else 0.1  # the official φ is not a stationary point
@@ -108,7 +109,8 @@ class IMAML(MetaLearner):
             scale, c1 = 1.0 / (self.reg + 10.0), 1.0 + self.cg_damping
             inner = bl.proximal(lambda p, h, b: scale * self.task_loss(p, h, b), c1,
                                 center=lambda h: {n: v / c1 for n, v in h.items()})
-        return bl.BilevelProblem(inner, self.task_loss, init=self.inner_init)
+        return bl.BilevelProblem(inner, self.query_loss, init=self.inner_init,
+                                 has_aux=self._aux())
 
     def solver(self, train: bool = True) -> bl.InnerSolver:
         if self.official and train:

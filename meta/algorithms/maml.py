@@ -34,10 +34,11 @@ class MAML(MetaLearner):
                  vectorize: bool | None = None, estimator: bl.Estimator | None = None,
                  loss: str | Callable = "cross_entropy", eval_inner_steps: int | None = None,
                  eval_inner_lr: float | None = None,
-                 randomness: str = "different"):
+                 randomness: str = "different",
+                 compile: bool | dict = False):
         super().__init__(model, inner_lr, inner_steps, vectorize=vectorize, estimator=estimator,
                          loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr,
-                         randomness=randomness)
+                         randomness=randomness, compile=compile)
 
 
 class FOMAML(MAML):

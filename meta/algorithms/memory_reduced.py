@@ -57,7 +57,8 @@ class MemoryReducedMAML(MetaLearner):
                  backbone: str | Callable | None = None, cache_features: bool | None = None,
                  vectorize: bool | None = None, estimator: bl.Estimator | None = None,
                  loss: str | Callable = "cross_entropy", eval_inner_steps: int | None = 20,
-                 eval_inner_lr: float | None = 0.05, randomness: str = "different"):
+                 eval_inner_lr: float | None = 0.05, randomness: str = "different",
+                 compile: bool | dict = False):
         if not isinstance(cg_iters, int) or cg_iters < 0:
             raise ValueError(f"cg_iters must be a non-negative int, got {cg_iters!r}")
         if damping is None:  # the damping of the T-step GD inner loop (see the docstring)
@@ -70,7 +71,7 @@ class MemoryReducedMAML(MetaLearner):
         self.cg_iters, self.damping = cg_iters, float(damping)
         super().__init__(model, inner_lr, inner_steps, vectorize=vectorize, estimator=estimator,
                          loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr,
-                         randomness=randomness, head=head, backbone=backbone,
+                         randomness=randomness, compile=compile, head=head, backbone=backbone,
                          cache_features=cache_features)
 
     def default_estimator(self) -> bl.Estimator:

@@ -35,13 +35,18 @@ class Reptile(MetaLearner):
                  vectorize: bool | None = None, estimator: bl.Estimator | None = None,
                  loss: str | Callable = "cross_entropy", eval_inner_steps: int | None = None,
                  eval_inner_lr: float | None = None,
-                 randomness: str = "different"):
+                 randomness: str = "different",
+                 compile: bool | dict = False):
         if estimator is not None:
             raise ValueError("Reptile is not a hypergradient method: it takes no estimator "
                              "(its .grad is theta - mean adapted params)")
         super().__init__(model, inner_lr, inner_steps, vectorize=vectorize, estimator=None,
                          loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr,
-                         randomness=randomness)
+                         randomness=randomness, compile=compile)
+        if compile:
+            bl.compiled.compile_fallback(
+                "Reptile(compile=...)", "Reptile's meta-gradient θ − φ_K needs no hypergradient "
+                "(only the inner loop, bl.solve), which is not compiled")
 
     def default_estimator(self) -> None:  # type: ignore[override]
         return None

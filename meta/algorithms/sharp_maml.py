@@ -43,7 +43,8 @@ class SharpMAML(MetaLearner):
                  differentiable_perturbation: bool = True, vectorize: bool | None = None,
                  estimator: bl.Estimator | None = None, loss: str | Callable = "cross_entropy",
                  eval_inner_steps: int | None = None, eval_inner_lr: float | None = None,
-                 randomness: str = "different"):
+                 randomness: str = "different",
+                 compile: bool | dict = False):
         for name, rho in (("rho_inner", rho_inner), ("rho_outer", rho_outer)):
             if not isinstance(rho, (int, float)) or isinstance(rho, bool) or rho < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {rho!r}")
@@ -51,7 +52,7 @@ class SharpMAML(MetaLearner):
         self.differentiable_perturbation = bool(differentiable_perturbation)
         super().__init__(model, inner_lr, inner_steps, vectorize=vectorize, estimator=estimator,
                          loss=loss, eval_inner_steps=eval_inner_steps, eval_inner_lr=eval_inner_lr,
-                         randomness=randomness)
+                         randomness=randomness, compile=compile)
 
     def solver(self, train: bool = True) -> bl.InnerSolver:
         base = super().solver(train)
