@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar (one is drawn, with tqdm, only when stderr is a "
                         "terminal)")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile each task's hypergradient (one graph for every task and "
+                        "iteration; the first iteration compiles, minutes for Conv4 on a CPU; "
+                        "eager with a warning where the compiler cannot)")
     g.add_argument("--tensorboard", action="store_true", default=None,
                    help="also write TensorBoard scalars to --out/tensorboard (needs the "
                         "tensorboard package: pip install 'bilevel-meta[tensorboard]')")

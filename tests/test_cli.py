@@ -345,3 +345,16 @@ def test_eval_inner_lr_flag_and_retest_on_resume(tmp_path):
     again = train(TrainConfig(**{**kw, "eval_inner_lr": 0.005}), resume=True,
                   stream=io.StringIO())
     assert again["test"]["inner_lr"] == 0.005 and again["iterations"] == 3
+
+
+def test_compile_flag_reaches_the_learner(monkeypatch):
+    """``meta-train --compile`` builds the learner with ``compile=True`` (the compiled step
+    itself is tested in tests/test_compiled.py); without the flag it stays eager."""
+    from meta.train import TrainConfig as Config
+    from meta.training.build import build_learner, build_model
+    from meta.training.config import resolve as resolve_config
+
+    for flag, expected in ((True, True), (None, False)):
+        c = resolve_config(Config(dataset="sinusoid", algorithm="maml", compile=flag))
+        learner = build_learner(c, build_model(c)[0])
+        assert learner.compile is expected

@@ -209,6 +209,8 @@ def build_learner(c: TrainConfig, model: torch.nn.Module):
         kwargs["eval_inner_lr"] = c.eval_inner_lr
     if c.estimator is not None:
         kwargs["estimator"] = parse_estimator(c.estimator)
+    if c.compile:
+        kwargs["compile"] = True
     kwargs.update({n: getattr(c, n) for n in _EXTRAS if getattr(c, n) is not None})
     try:
         learner = make_learner(c.algorithm, model, **kwargs)

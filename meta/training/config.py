@@ -89,6 +89,7 @@ class TrainConfig:
     head: str | None = None           # anil, memoryreduced: the head submodule's name
     backbone: str | None = None       # anil, memoryreduced: the backbone submodule's name
     tensorboard: bool | None = None   # also log to out/tensorboard (needs the tensorboard package)
+    compile: bool | None = None       # torch.compile the per-task hypergradient (learner compile=)
     dist_timeout: float | None = None  # seconds a rank waits in a collective (several processes)
 
 
@@ -141,7 +142,7 @@ _EXTRAS = ("reg", "cg_iters", "rho_inner", "rho_outer", "head", "backbone")
 # Fields a resumed run may change: they do not touch the training trajectory.
 RESUME_OVERRIDABLE = {"iterations", "eval_inner_lr", "val_every", "val_tasks", "test_tasks",
                       "checkpoint_every", "log_every", "progress", "out", "data_root",
-                      "download", "device", "tensorboard", "dist_timeout"}
+                      "download", "device", "tensorboard", "dist_timeout", "compile"}
 
 
 # ----------------------------------------------------------------------------- configuration
