@@ -76,10 +76,17 @@ def two_ranks(tmp_path_factory):
 
 
 def reference(algo: str, n_tasks: int):
-    """One process, the whole global batch."""
-    model = W.make_model()
-    learner = W.make_learner(algo, model)
-    metrics = learner.meta_step(W.global_batch(n_tasks, seed=n_tasks))
+    """One process, the whole global batch, with the ranks' single intra-op thread: with more
+    threads the reductions sum in another order, and Sign-MAML's sign() turns that rounding
+    noise on near-zero gradient coordinates into whole steps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = W.make_model()
+        learner = W.make_learner(algo, model)
+        metrics = learner.meta_step(W.global_batch(n_tasks, seed=n_tasks))
+    finally:
+        torch.set_num_threads(threads)
     return W.grads_of(model), metrics
 
 

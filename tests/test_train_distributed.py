@@ -384,9 +384,9 @@ def test_ctrl_c_stops_every_rank_after_the_same_step_and_resumes_exactly(tmp_pat
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
     stopped = load_checkpoint(out / "checkpoint.pt")["iteration"]
-    assert code == 130, err[-2000:]
-    if stopped == 150:
+    if code == 0 and stopped == 150:
         pytest.skip("the run finished before the interrupt arrived")
+    assert code == 130, err[-2000:]
     assert err.count("interrupted at iteration") == 1  # rank 0 only
     assert main(["--nproc", "2", "--out", str(out), "--resume", "--no-progress"]) == 0
     assert main([*tiny(full, iterations=150, meta_batch=2)]) == 0  # one process, uninterrupted
