@@ -47,6 +47,9 @@ def _quiet_jvp_import() -> None:
             pass
 
 
+_quiet_jvp_import()  # at import time: never inside a traced (compiled) call
+
+
 class _TangentAsPrimal(torch.autograd.Function):
     """Identity whose forward-mode tangent is cast to the primal's dtype."""
 
@@ -106,7 +109,6 @@ class ForwardMode(Estimator):
                  state0=None):
         # per-step batches are drawn once, here, outside the vmap over tangents (a PerStep fn
         # then need not be vmap-safe, and every tangent sees the same batches)
-        _quiet_jvp_import()
         inner = [batch_at(inner_batch, k) for k in range(solver.steps)]
         outer = batch_at(outer_batch, 0)
         if any(x.dtype != torch.float64 for x in tree_leaves((hparams, params0))
