@@ -119,17 +119,21 @@ def test_a_user_vmap_around_a_compiled_object_runs_eagerly_with_one_warning():
 
 
 def test_no_cxx_compiler_falls_back_with_a_warning(monkeypatch):
+    import torch._inductor.config as inductor_config
+
     monkeypatch.setattr("shutil.which", lambda name: None)
-    monkeypatch.setattr("torch._inductor.config.cpp.cxx", (None, "no-such-compiler"))
-    assert "no C++ compiler" in compiler_missing("inductor", torch.device("cpu"))
-    assert compiler_missing("aot_eager") is None
-    hg = bl.compiled_hypergrad(AUX, solver=KW["solver"])  # inductor
-    support, query = data(0)
-    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found.*running eagerly"):
-        res = hg(hp(), support, query, params0=KW["params0"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # one warning, not one per call
-        res = hg(hp(), support, query, params0=KW["params0"])
+    # config.patch restores the entry; monkeypatch.setattr on the config module deletes it on
+    # undo, which breaks every later inductor compile in the process
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-compiler")}):
+        assert "no C++ compiler" in compiler_missing("inductor", torch.device("cpu"))
+        assert compiler_missing("aot_eager") is None
+        hg = bl.compiled_hypergrad(AUX, solver=KW["solver"])  # inductor
+        support, query = data(0)
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found.*running eagerly"):
+            res = hg(hp(), support, query, params0=KW["params0"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # one warning, not one per call
+            res = hg(hp(), support, query, params0=KW["params0"])
     assert hg.eager
     assert rel(res.grad, bl.hypergrad(AUX, hp(), support, query, **KW).grad) < 1e-12
 

@@ -247,10 +247,11 @@ def test_plain_solver_with_mp_problem_is_wrapped():
         opt.zero_grad()
         (CE(ref(x), y) * h["s"].exp()).backward()
         opt.step()
+    # (Adam's m/√v amplifies the reduction-order rounding of other thread counts: 2e-12 seen)
     for k, v in ref.named_parameters():
-        torch.testing.assert_close(plain.params["params"][k], v.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(plain.params["params"][k], v.detach(), rtol=1e-10, atol=1e-11)
     for k, v in ref.named_buffers():
-        torch.testing.assert_close(plain.params["buffers"][k], v.to(DT), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(plain.params["buffers"][k], v.to(DT), rtol=1e-10, atol=1e-11)
     assert float(plain.params["buffers"]["1.num_batches_tracked"]) == 4.0
     w = bl.solve(mp.problem, h, (x, y), solver=base, params0=mp.params0())
     torch.testing.assert_close(w["buffers"]["1.running_var"],
