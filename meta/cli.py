@@ -305,5 +305,18 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def entry() -> None:
+    """The ``meta-train`` console script: :func:`main`, then exit. A rank of several processes
+    leaves with ``os._exit`` once its output is flushed: gloo's threads can otherwise abort the
+    interpreter at shutdown ("terminate called without an active exception", exit -6) after a
+    run that succeeded and wrote everything."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 1)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

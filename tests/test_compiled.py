@@ -7,6 +7,7 @@ inductor (generated C++) on one small case, skipped without a C++ compiler."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -96,7 +97,23 @@ def test_what_dynamo_cannot_capture_under_vmap_falls_back_with_one_warning(est):
 
 def test_cg_with_a_tolerance_runs_its_masked_fixed_iteration_path_under_compile():
     """The early exit ‖r‖ ≤ tol is data-dependent: under compile CG runs all iterations with
-    converged systems frozen, which is the early-exit answer to rounding."""
+    converged systems frozen, which is the early-exit answer to rounding. Run in a fresh
+    interpreter: after the rest of the suite, Dynamo sometimes fell back to eager on this one
+    case (order-dependent, not understood yet; see the CHANGELOG)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    code = ("import test_compiled as T; "
+            "T._cg_masked_path_case()")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parent), str(here)]))
+    run = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+
+
+def _cg_masked_path_case():
     est = bl.Implicit(bl.CG(iters=6, tol=1e-6), stationarity_rtol=None)  # exits at <= D = 4
     backend = Counting()
     hg = bl.compiled_hypergrad(AUX, solver=bl.GradientDescent(0.1, 4), estimator=est,
