@@ -144,44 +144,42 @@ def unwrap(batch: Any) -> Any:
 # ------------------------------------------------------------------------------------------
 # oracles
 # ------------------------------------------------------------------------------------------
+def _loss_grad(problem: BilevelProblem, name: str, argnums, z: PyTree, x: PyTree, batch: Any):
+    """∇ of ``problem.<name>`` (``inner_loss`` or ``outer_loss``) at (z, x) on ``batch`` w.r.t.
+    ``argnums`` (0: z, 1: x, (0, 1): both in one backward pass); x and z are passed in, never
+    captured (``bl.autodiff`` keeps no graph to closure-captured tensors)."""
+    data = unwrap(batch)
+    loss = getattr(problem, name)
+    g, _ = autodiff.grad_and_value(
+        lambda zz, xx: call_loss(loss, name, zz, xx, data), argnums=argnums)(z, x)
+    return g
+
+
 def inner_grad(problem: BilevelProblem, z: PyTree, x: PyTree, batch: Any) -> PyTree:
     """∇_z g(z, x; batch)."""
-    data = unwrap(batch)
-    g, _ = autodiff.grad_and_value(
-        lambda zz: call_loss(problem.inner_loss, "inner_loss", zz, x, data))(z)
-    return g
+    return _loss_grad(problem, "inner_loss", 0, z, x, batch)
 
 
 def inner_grad_x(problem: BilevelProblem, z: PyTree, x: PyTree, batch: Any) -> PyTree:
     """∇_x g(z, x; batch)."""
-    data = unwrap(batch)
-    g, _ = autodiff.grad_and_value(
-        lambda xx: call_loss(problem.inner_loss, "inner_loss", z, xx, data))(x)
-    return g
+    return _loss_grad(problem, "inner_loss", 1, z, x, batch)
 
 
 def outer_grads(problem: BilevelProblem, z: PyTree, x: PyTree, batch: Any
                 ) -> tuple[PyTree, PyTree]:
     """(∇_z f, ∇_x f) at (z, x) on ``batch`` (one backward pass)."""
-    data = unwrap(batch)
-    (gz, gx), _ = autodiff.grad_and_value(
-        lambda zz, xx: call_loss(problem.outer_loss, "outer_loss", zz, xx, data),
-        argnums=(0, 1))(z, x)
+    gz, gx = _loss_grad(problem, "outer_loss", (0, 1), z, x, batch)
     return gz, gx
 
 
 def outer_grad_z(problem: BilevelProblem, z: PyTree, x: PyTree, batch: Any) -> PyTree:
-    data = unwrap(batch)
-    g, _ = autodiff.grad_and_value(
-        lambda zz: call_loss(problem.outer_loss, "outer_loss", zz, x, data))(z)
-    return g
+    """∇_z f(z, x; batch)."""
+    return _loss_grad(problem, "outer_loss", 0, z, x, batch)
 
 
 def outer_grad_x(problem: BilevelProblem, z: PyTree, x: PyTree, batch: Any) -> PyTree:
-    data = unwrap(batch)
-    g, _ = autodiff.grad_and_value(
-        lambda xx: call_loss(problem.outer_loss, "outer_loss", z, xx, data))(x)
-    return g
+    """∇_x f(z, x; batch)."""
+    return _loss_grad(problem, "outer_loss", 1, z, x, batch)
 
 
 def _grad_z_fn(problem: BilevelProblem, data: Any) -> Callable:
