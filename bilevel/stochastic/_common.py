@@ -272,8 +272,12 @@ def clone(x: PyTree) -> PyTree:
     return tree_map(lambda t: t.detach().clone(), x)
 
 
-def check_finite(t: int, algorithm: str, **trees: PyTree) -> None:
-    """Raise :class:`BilevelError` naming the first non-finite quantity and leaf."""
+def check_finite(t: int | str, algorithm: str, **trees: PyTree) -> None:
+    """Raise :class:`BilevelError` naming the first non-finite quantity and leaf (inside a
+    compiled chunk of :func:`bilevel.stochastic.run` nothing is checked here: the runner checks
+    once per chunk and names the iterations ``t`` of the chunk)."""
+    if torch.compiler.is_compiling():
+        return
     for name, tree in trees.items():
         for path, leaf in tree_paths(tree):
             if isinstance(leaf, torch.Tensor) and not bool(torch.isfinite(leaf).all()):

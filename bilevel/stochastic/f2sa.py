@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import torch
+
 from ..problem import BilevelError, BilevelProblem
 from ..pytree import PyTree
 from ._common import (
@@ -93,7 +95,8 @@ class F2SA(StochasticAlgorithm):
         check_batches(self.name, "outer", outer_batches, self.batches_per_step[1])
         y, z, x, lam, t = state
         if self.lam is not None:
-            lam = float(self.lam(t))
+            lam = self.lam(t)
+            lam = lam if isinstance(lam, torch.Tensor) else float(lam)
         rho, eta = self.inner_step(t), self.star_step(t)
         gamma, dlam = self.outer_step(t), self.lam_step(t)
         for k in range(self.n_inner_steps):

@@ -58,6 +58,16 @@ def _new_table(like: PyTree, n_blocks: int) -> SagaTable:
 def saga(mem: SagaTable, phi: PyTree, k: int, w: float, inplace: bool
          ) -> tuple[PyTree, SagaTable]:
     """SAGA direction φ − M[k] + M̄ and the updated table."""
+    if isinstance(k, torch.Tensor):  # a compiled chunk: block k is a 0-d tensor
+        idx = k.reshape(1)
+        diff = tree_map(lambda p, tab: p - tab.index_select(0, idx)[0], phi, mem.table)
+        direction = tree_map(torch.add, diff, mem.mean)
+        if inplace:
+            tree_map(lambda tab, p: tab.index_copy_(0, idx, p.unsqueeze(0)), mem.table, phi)
+            tree_map(lambda m, d: m.add_(d, alpha=w), mem.mean, diff)
+            return direction, mem
+        table = tree_map(lambda tab, p: tab.index_copy(0, idx, p.unsqueeze(0)), mem.table, phi)
+        return direction, SagaTable(table, tree_map(lambda m, d: m + w * d, mem.mean, diff))
     diff = tree_map(lambda p, tab: p - tab[k], phi, mem.table)
     direction = tree_map(torch.add, diff, mem.mean)
     if inplace:
@@ -79,6 +89,8 @@ class SABAState(NamedTuple):
 
 
 def _block(batch: Any, n_blocks: int, kind: str) -> tuple[int, float]:
+    if isinstance(batch, Minibatch) and isinstance(batch.id, torch.Tensor):
+        return batch.id, batch.weight  # a compiled chunk: the runner checked the ids
     if not isinstance(batch, Minibatch) or not 0 <= batch.id < n_blocks:
         got = f"id {batch.id}" if isinstance(batch, Minibatch) else type(batch).__name__
         raise BilevelError(f"SABA.step: each {kind} batch must be a bl.stochastic.Minibatch "

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import torch
+
 from ..problem import BilevelError, BilevelProblem
 from ..pytree import PyTree
 from ._common import (
@@ -94,7 +96,7 @@ class SRBA(StochasticAlgorithm):
         check_batches(self.name, "outer", outer_batches, 1)
         z, v, x, t, (zp, vp, xp), d = state
         ib, ob = inner_batches[0], outer_batches[0]
-        if self.needs_full(t):
+        if not isinstance(t, torch.Tensor) and self.needs_full(t):  # (never in a chunk)
             d = self._fields(problem, z, v, x, ib, ob)
         else:
             new = self._fields(problem, z, v, x, ib, ob)
@@ -105,5 +107,6 @@ class SRBA(StochasticAlgorithm):
         if self.check:
             check_finite(t, self.name, z=zn, v=vn, x=xn)
         return SRBAState(zn, vn, xn, t + 1, (z, v, x), d), {
-            "inner_step": rho, "v_step": eta, "outer_step": gamma, "full": self.needs_full(t),
+            "inner_step": rho, "v_step": eta, "outer_step": gamma,
+            "full": not isinstance(t, torch.Tensor) and self.needs_full(t),
             "oracle_calls": self.oracle_calls}

@@ -1,0 +1,202 @@
+"""Compiled chunks of iterations: ``run(..., compile=True)``.
+
+On the benchmark's small linear models one iteration is a few kernels of microseconds each;
+eager PyTorch spends ~0.5 ms per iteration dispatching them (Python, autograd, ``torch.func``
+wrappers). The runner here hands ``chunk`` CONSECUTIVE iterations to ``torch.compile`` as one
+graph: the algorithm's own ``step`` (unchanged, traced by Dynamo) applied ``chunk`` times, the
+minibatches gathered inside the graph from block numbers,
+
+    state_{t+L} = step^L(state_t ; blocks b_t, ..., b_{t+L−1})  (one compiled call),
+
+so the per-call overhead (tens of µs) is paid once per chunk. Same iterates as the eager loop
+(tested to 1e-12 in float64): same batches in the same order, same step sizes.
+
+What goes in a chunk: iterations whose every batch is a full block of its sampler (the short
+last block of an epoch and SRBA's full-batch resets run alone, eagerly) and that do not cross a
+``callback`` point (an iteration t with (t+1) % every == 0 ends a chunk; choose ``every`` as a
+multiple of ``chunk``). Where a full chunk does not fit, shorter chunks do (powers of two:
+at most 1 + log2(chunk) graphs per algorithm, problem and batch shapes, each compiled once).
+
+Inside the graph the iteration counter ``t`` is a 0-d float64 tensor (step-size schedules must
+accept a tensor t: :class:`~bilevel.stochastic.Schedule` does), block numbers are 0-d tensors,
+and nothing is checked; after each compiled call the runner checks z, v, x for NaN/inf and names
+the iterations of the chunk. A step the compiler cannot trace (a schedule calling ``math``, a
+loss with data-dependent Python control flow) falls back to the eager loop with ONE warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..compiled import compile_fallback, compiler_missing
+from ..problem import BilevelError, BilevelProblem
+from ..pytree import tree_map
+from ._common import Minibatch, Sampler, StochasticAlgorithm, check_finite
+from .loop import Draws
+
+__all__ = ["run_compiled", "compiled_lengths", "chunk_lengths"]
+
+_GRAPHS: dict = {}  # (alg, problem, length, batch layout) -> compiled chunk function
+_FAILED: set = set()  # (alg, problem) pairs that fell back to eager
+
+
+def _numbers_to_tensors(state: Any) -> tuple[Any, dict]:
+    """Python int/float fields of a NamedTuple state -> 0-d float64 tensors (and their types)."""
+    kinds = {f: type(getattr(state, f)) for f in state._fields
+             if isinstance(getattr(state, f), (int, float)) and
+             not isinstance(getattr(state, f), bool)}
+    return state._replace(**{f: torch.tensor(float(getattr(state, f)), dtype=torch.float64)
+                             for f in kinds}), kinds
+
+
+def _tensors_to_numbers(state: Any, kinds: dict) -> Any:
+    return state._replace(**{f: kinds[f](round(float(getattr(state, f))) if kinds[f] is int
+                                         else float(getattr(state, f))) for f in kinds})
+
+
+def _gather(data: Any, block: torch.Tensor, size: int, arange: torch.Tensor) -> Any:
+    idx = block * size + arange
+    return tree_map(lambda a: a.index_select(0, idx) if isinstance(a, torch.Tensor) else a, data)
+
+
+def _make_chunk(alg: StochasticAlgorithm, problem: BilevelProblem, length: int,
+                sizes: tuple[int, int], weights: tuple[float, float]) -> Callable:
+    """``fn(state, inner_data, outer_data, inner_ids (L, n_in), outer_ids (L, n_out))``: L steps."""
+    (b_in, b_out), (w_in, w_out) = sizes, weights
+
+    def chunk(state, inner_data, outer_data, inner_ids, outer_ids):
+        ar_in = torch.arange(b_in, device=inner_ids.device)
+        ar_out = torch.arange(b_out, device=outer_ids.device)
+        for step in range(length):
+            ib = [Minibatch(_gather(inner_data, k, b_in, ar_in), k, w_in) for k in inner_ids[step]]
+            ob = [Minibatch(_gather(outer_data, k, b_out, ar_out), k, w_out)
+                  for k in outer_ids[step]]
+            state, _ = alg.step(state, problem, ib, ob)
+        return state
+
+    # Dynamo caches compiled graphs per code object (and limits recompiles per code object):
+    # each (algorithm, problem, length) gets its own copy of the code, named after it
+    chunk.__code__ = chunk.__code__.replace(co_name=f"{alg.name}_chunk{length}")
+    return chunk
+
+
+def compiled_lengths(alg: StochasticAlgorithm, problem: BilevelProblem) -> set[int]:
+    """The chunk lengths already compiled for (alg, problem) (e.g. to warm up before timing)."""
+    return {k[2] for k in _GRAPHS if k[0] is alg and k[1] is problem}
+
+
+def chunk_lengths(chunk: int) -> list[int]:
+    """Chunk lengths tried, longest first: ``chunk`` and the powers of two below it."""
+    out, p = [chunk], 1
+    while p < chunk:
+        out.append(p)
+        p *= 2
+    return sorted(set(out), reverse=True)
+
+
+def _short_block(sampler: Sampler) -> int:
+    """The id of the sampler's partial last block (-2 when every block is full)."""
+    return sampler.n_batches - 1 if sampler.n % sampler.batch_size else -2
+
+
+def _plan(alg, t: int, inner: Sampler, outer: Sampler, draws: Draws, length: int
+          ) -> tuple[list, list] | None:
+    """Block ids (inner, outer: one list per iteration) of iterations t .. t+length−1 if every
+    one can go in a chunk (full blocks only, no SRBA reset), else None (``draws`` untouched)."""
+    needs_full = getattr(alg, "needs_full", None)
+    if needs_full is not None and any(needs_full(s) for s in range(t, t + length)):
+        return None
+    n_in, n_out = alg.batches_per_step
+    ids_in = [inner(draws.inner + k).id for k in range(length * n_in)]
+    ids_out = [outer(draws.outer + k).id for k in range(length * n_out)]
+    if _short_block(inner) in ids_in or _short_block(outer) in ids_out:
+        return None
+    return ([ids_in[s * n_in:(s + 1) * n_in] for s in range(length)],
+            [ids_out[s * n_out:(s + 1) * n_out] for s in range(length)])
+
+
+def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, inner: Sampler,
+                 outer: Sampler, n_steps: int, callback: Callable | None, every: int,
+                 draws: Draws, chunk: int, options: dict, eager_step: Callable
+                 ) -> tuple[Any, Draws]:
+    """The loop of :func:`bilevel.stochastic.run` with compiled chunks (module docstring).
+    ``eager_step(state, draws) -> state`` takes one eager iteration (short blocks, resets, and
+    everything after a fallback)."""
+    if not isinstance(chunk, int) or chunk < 1:
+        raise BilevelError(f"run: chunk must be a positive int, got {chunk!r}")
+    options = dict(options)
+    why = compiler_missing(options.get("backend", "inductor"), _device(inner))
+    if why is not None:
+        if (alg, problem) not in _FAILED:
+            _FAILED.add((alg, problem))
+            compile_fallback(f"bl.stochastic.run({alg.name})", why)
+    n_in, n_out = alg.batches_per_step
+    sizes = (inner.batch_size, outer.batch_size)
+    weights = (inner.batch_size / inner.n, outer.batch_size / outer.n)
+    done = 0
+    while done < n_steps:
+        t = int(state.t)
+        until_callback = (every - t % every) if callback is not None else n_steps - done
+        room = min(n_steps - done, until_callback)
+        plan = None
+        for length in [] if (alg, problem) in _FAILED else chunk_lengths(chunk):
+            if length <= room:
+                plan = _plan(alg, t, inner, outer, draws, length)
+                if plan is not None:
+                    break
+        if plan is None:
+            length = 1
+            state = eager_step(state, draws)
+        else:
+            out = _compiled_call(alg, problem, state, inner, outer, plan, sizes, weights,
+                                 options, draws)
+            if out is None:  # the trace failed: fall back (warned) and redo this iteration
+                continue
+            state = out
+        done += length
+        if callback is not None and state.t % every == 0:
+            callback(state, draws)
+    return state, draws
+
+
+def _compiled_call(alg, problem, state, inner, outer, plan, sizes, weights, options, draws):
+    ids_in, ids_out = plan
+    length = len(ids_in)
+    key = (alg, problem, length, sizes, weights, len(ids_in[0]), len(ids_out[0]))
+    fn = _GRAPHS.get(key)
+    if fn is None:
+        opts = {"dynamic": False, "fullgraph": True, **options}
+        fn = _GRAPHS[key] = torch.compile(_make_chunk(alg, problem, length, sizes, weights),
+                                          **opts)
+    dev = _device(inner)
+    t0 = int(state.t)
+    tensor_state, kinds = _numbers_to_tensors(state)
+    try:
+        out = fn(tensor_state, inner.data, outer.data, torch.tensor(ids_in, device=dev),
+                 torch.tensor(ids_out, device=dev))
+    except Exception as e:  # noqa: BLE001 - any tracing/codegen failure: eager, one warning
+        _FAILED.add((alg, problem))
+        _GRAPHS.pop(key, None)
+        compile_fallback(f"bl.stochastic.run({alg.name})", f"{type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300] if str(e) else ''}")
+        return None
+    out = _tensors_to_numbers(out, kinds)
+    fields = {f: getattr(out, f) for f in ("z", "v", "x", "y") if f in out._fields}
+    check_finite(f"{t0}..{t0 + length - 1} (one compiled chunk; run eagerly to find the "
+                 f"first bad iteration)" if length > 1 else t0, alg.name, **fields)
+    n_in, n_out = len(ids_in[0]), len(ids_out[0])  # advance the stream as the eager loop does
+    ci, co = alg.oracle_calls
+    draws.inner += length * n_in
+    draws.outer += length * n_out
+    draws.oracle_calls = (draws.oracle_calls[0] + length * ci,
+                          draws.oracle_calls[1] + length * co)
+    return out
+
+
+def _device(sampler: Sampler) -> torch.device:
+    from ..pytree import tree_leaves
+    leaf = next(x for x in tree_leaves(sampler.data) if isinstance(x, torch.Tensor))
+    return leaf.device

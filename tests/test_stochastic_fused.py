@@ -1,0 +1,159 @@
+"""``bl.stochastic.run(..., compile=...)``: compiled chunks of iterations give the eager iterates.
+
+These run Dynamo + AOT autograd with the ``aot_eager`` backend (the same tracing as inductor,
+no C++ code generation: seconds, no toolchain). The inductor backend is exercised by
+``tests/_compiled_cases.py`` (opt-in) and by ``benchmarks/bilevel_suite.py --compile``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from test_stochastic import PROBLEM, logistic_data
+
+import bilevel as bl
+from bilevel.stochastic import F2SA, SABA, SOBA, SRBA, AmIGO, Sampler, Schedule, StocBiO, fused, run
+
+AOT = {"backend": "aot_eager"}
+
+MAKERS = {
+    "SOBA": lambda: SOBA(0.3, 0.2),
+    "SOBA-decay": lambda: SOBA(Schedule(0.3, 0.5), Schedule(0.2, 0.4)),
+    "SABA": lambda: SABA(0.2, 0.1),
+    "SABA-copy": lambda: SABA(0.2, 0.1, inplace=False),
+    "SRBA": lambda: SRBA(0.2, 0.1, period=5),
+    "AmIGO": lambda: AmIGO(0.2, 0.1, n_inner_steps=2, n_v_steps=2),
+    "StocBiO": lambda: StocBiO(0.2, 0.1, n_inner_steps=2, n_neumann_steps=2),
+    "F2SA": lambda: F2SA(0.2, 0.1, n_inner_steps=2),
+}
+
+
+def _init(alg, z0, x0, si, so):
+    if isinstance(alg, SABA):
+        return alg.init(z0, x0, len(si), len(so))
+    return alg.init(z0, x0)
+
+
+def _fields(state):
+    return {f: getattr(state, f) for f in state._fields if f != "memory"}
+
+
+def _same(a, b, tol=1e-12):
+    for (name, x), y in zip(_fields(a).items(), _fields(b).values()):
+        if isinstance(x, torch.Tensor):
+            assert torch.allclose(x, y, rtol=tol, atol=tol), (name, (x - y).abs().max())
+        elif isinstance(x, tuple):
+            for u, w in zip(x, y):
+                if isinstance(u, torch.Tensor):
+                    assert torch.allclose(u, w, rtol=tol, atol=tol), name
+                else:
+                    _same_tree(u, w, tol)
+        else:
+            assert x == pytest.approx(y, rel=tol), name
+            assert type(x) is type(y), name
+
+
+def _same_tree(a, b, tol):
+    for u, w in zip(bl.pytree.tree_leaves(a), bl.pytree.tree_leaves(b)):
+        assert torch.allclose(u, w, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_compiled_chunks_equal_eager_iterates(name):
+    """44 inner rows / batch 8: a short block (4 rows) every epoch of 6 blocks, so chunks of 4,
+    2 and 1 and eager single steps all occur; SRBA adds full-batch resets."""
+    inner_data, outer_data, z0, x0 = logistic_data()
+    si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 6, seed=4)
+    alg = MAKERS[name]()
+    n = 23
+    ref, d_ref = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, n)
+    out, d_out = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, n, compile=AOT, chunk=4)
+    assert out.t == ref.t == n and isinstance(out.t, int)
+    _same(ref, out)
+    assert (d_out.inner, d_out.outer, d_out.oracle_calls) == (d_ref.inner, d_ref.outer,
+                                                              d_ref.oracle_calls)
+    if isinstance(alg, SABA):
+        for k in ref.memory:
+            _same_tree(ref.memory[k], out.memory[k], 1e-12)
+    # the stream continues: 7 more steps from the returned draws == 30 eager steps
+    more, _ = run(alg, PROBLEM, out, si, so, 7, draws=d_out, compile=AOT, chunk=4)
+    ref30, _ = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 30)
+    _same(ref30, more)
+
+
+def test_callbacks_fire_at_the_same_iterations():
+    inner_data, outer_data, z0, x0 = logistic_data()
+    si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 6, seed=4)
+    alg = SOBA(0.3, 0.2)
+    seen_ref, seen = [], []
+    run(alg, PROBLEM, alg.init(z0, x0), si, so, 21,
+        callback=lambda s, d: seen_ref.append((s.t, s.x.clone())), every=4)
+    run(alg, PROBLEM, alg.init(z0, x0), si, so, 21, compile=AOT, chunk=4,
+        callback=lambda s, d: seen.append((s.t, s.x.clone())), every=4)
+    assert [t for t, _ in seen] == [t for t, _ in seen_ref] == [4, 8, 12, 16, 20]
+    for (_, a), (_, b) in zip(seen_ref, seen):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_divergence_is_reported_with_the_chunk_iterations():
+    inner_data, outer_data, z0, x0 = logistic_data(n_in=48)  # full blocks only: chunks of 4
+    si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 6, seed=4)
+    alg = SOBA(1e6, 1e6)
+    with pytest.raises(bl.BilevelError, match=r"non-finite .* at iteration \d+\.\.\d+"):
+        run(alg, PROBLEM, alg.init(z0, x0), si, so, 40, compile=AOT, chunk=4)
+
+
+def test_untraceable_schedule_falls_back_with_one_warning():
+    import math
+    inner_data, outer_data, z0, x0 = logistic_data()
+    si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 6, seed=4)
+    alg = SOBA(lambda t: 0.3 / math.sqrt(t + 1), 0.2)  # math.sqrt of a tensor t: not traceable
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out, d = run(alg, PROBLEM, alg.init(z0, x0), si, so, 12, compile=AOT, chunk=4)
+        out, _ = run(alg, PROBLEM, out, si, so, 4, compile=AOT, chunk=4, draws=d)
+    msgs = [str(x.message) for x in w if "torch.compile unavailable" in str(x.message)]
+    assert len(msgs) == 1 and "SOBA" in msgs[0]
+    ref16, _ = run(alg, PROBLEM, alg.init(z0, x0), si, so, 16)
+    _same(ref16, out)
+
+
+def test_no_compiler_falls_back(monkeypatch):
+    inner_data, outer_data, z0, x0 = logistic_data()
+    si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 6, seed=4)
+    alg = SOBA(0.3, 0.2)
+    monkeypatch.setattr(fused, "compiler_missing", lambda backend, device=None: "no C++ here")
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ here"):
+        out, _ = run(alg, PROBLEM, alg.init(z0, x0), si, so, 9, compile=True, chunk=4)
+    ref, _ = run(alg, PROBLEM, alg.init(z0, x0), si, so, 9)
+    _same(ref, out, tol=0)
+
+
+def test_recompiles_bounded():
+    """One graph per chunk length (4, 2, 1 here), compiled once, whatever the number of calls,
+    the iteration counter and the decreasing step sizes."""
+    compiled = []
+
+    def counting_backend(gm, example_inputs):
+        compiled.append(len(example_inputs))
+        return gm.forward
+
+    inner_data, outer_data, z0, x0 = logistic_data()
+    si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 6, seed=4)
+    alg = SOBA(Schedule(0.3, 0.5), Schedule(0.2, 0.5))
+    state, d = alg.init(z0, x0), None
+    for _ in range(4):
+        state, d = run(alg, PROBLEM, state, si, so, 12, compile={"backend": counting_backend},
+                       chunk=4, draws=d)
+    assert state.t == 48
+    assert 1 <= len(compiled) <= 3, compiled
+
+
+def test_bad_chunk():
+    inner_data, outer_data, z0, x0 = logistic_data()
+    si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 6, seed=4)
+    alg = SOBA(0.3, 0.2)
+    with pytest.raises(bl.BilevelError, match="chunk"):
+        run(alg, PROBLEM, alg.init(z0, x0), si, so, 4, compile=AOT, chunk=0)
