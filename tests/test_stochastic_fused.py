@@ -157,3 +157,17 @@ def test_bad_chunk():
     alg = SOBA(0.3, 0.2)
     with pytest.raises(bl.BilevelError, match="chunk"):
         run(alg, PROBLEM, alg.init(z0, x0), si, so, 4, compile=AOT, chunk=0)
+
+
+def test_online_compiled_equals_eager_online():
+    inner_data, outer_data, z0, x0 = logistic_data()
+    make = lambda c: bl.stochastic.Online(  # noqa: E731
+        SABA(0.2, 0.1), PROBLEM, z0, x0, inner=Sampler(inner_data, 8, seed=3),
+        outer=Sampler(outer_data, 6, seed=4), compile=c, chunk=4)
+    eager, comp = make(False), make(AOT)
+    for n in (5, 9, 3):
+        eager.step(n)
+        info = comp.step(n)
+    assert info["t"] == comp.t == eager.t == 17
+    assert comp.oracle_calls == eager.oracle_calls
+    _same(eager.state, comp.state)

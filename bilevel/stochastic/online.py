@@ -28,7 +28,7 @@ import torch
 from ..problem import BilevelError, BilevelProblem
 from ..pytree import PyTree
 from ._common import Sampler, StochasticAlgorithm
-from .loop import Draws, next_batches
+from .loop import Draws, next_batches, run
 
 __all__ = ["Online"]
 
@@ -42,12 +42,16 @@ class Online:
     """Stateful driver of a stochastic algorithm over two :class:`Sampler` streams.
 
     ``init_kwargs`` go to ``alg.init`` (e.g. ``v0``, SABA's ``init_memory``); SABA's
-    ``n_inner_blocks`` / ``n_outer_blocks`` are filled in from the samplers.
+    ``n_inner_blocks`` / ``n_outer_blocks`` are filled in from the samplers. ``compile=True``
+    (or ``torch.compile`` options) runs ``chunk`` iterations per compiled call, as
+    :func:`bilevel.stochastic.run` does (same iterates; ``step`` then returns only ``t`` and
+    ``oracle_calls_total``).
     """
 
     def __init__(self, alg: StochasticAlgorithm, problem: BilevelProblem, z0: PyTree,
                  x0: PyTree, *, inner: Sampler, outer: Sampler,
-                 init_kwargs: dict[str, Any] | None = None) -> None:
+                 init_kwargs: dict[str, Any] | None = None, compile: bool | dict = False,
+                 chunk: int = 16) -> None:
         if not isinstance(alg, StochasticAlgorithm):
             raise BilevelError(f"alg must be a bl.stochastic algorithm such as SOBA(0.1, 0.1), "
                                f"got {type(alg).__name__}")
@@ -67,6 +71,7 @@ class Online:
             kw.setdefault("inner_blocks", [inner.block(k) for k in range(len(inner))])
             kw.setdefault("outer_blocks", [outer.block(k) for k in range(len(outer))])
         self.alg, self.problem, self.inner, self.outer = alg, problem, inner, outer
+        self.compile, self.chunk = compile, chunk
         self.state = alg.init(z0, x0, **kw)
         self.draws = Draws()
 
@@ -94,6 +99,11 @@ class Online:
         if not (isinstance(n_iter, int) and n_iter >= 1):
             raise BilevelError(f"n_iter must be a positive int, got {n_iter!r}")
         info: dict = {}
+        if self.compile:  # compiled chunks (bl.stochastic.run(compile=...)): no per-step info
+            self.state, _ = run(self.alg, self.problem, self.state, self.inner, self.outer,
+                                n_iter, draws=self.draws, compile=self.compile,
+                                chunk=self.chunk)
+            return {"t": self.t, "oracle_calls_total": self.draws.oracle_calls}
         for _ in range(n_iter):
             ib, ob = next_batches(self.alg, self.state.t, self.inner, self.outer, self.draws)
             self.state, info = self.alg.step(self.state, self.problem, ib, ob)
