@@ -34,7 +34,12 @@ transforms).
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
 import shutil
+import threading
+import traceback
 import warnings
 from typing import Any
 
@@ -49,9 +54,24 @@ from .pytree import PyTree, tree_detach, tree_leaves, tree_map
 from .solvers import InnerSolver
 from .unroll import state_out
 
-__all__ = ["CompiledHypergrad", "compiled_hypergrad", "compiler_missing", "compile_fallback"]
+__all__ = ["CompiledHypergrad", "compiled_hypergrad", "compiler_missing", "compile_fallback",
+           "guarded_compiled_call"]
 
 BACKENDS_WITH_CXX = ("inductor",)
+
+log = logging.getLogger(__name__)
+
+
+def _describe(e: BaseException, limit: int = 4) -> str:
+    """One line for the fallback warning: the error and its causes (Dynamo wraps the real
+    error: TorchRuntimeError <- Unsupported <- the operator's own RuntimeError), each by the
+    first non-empty line of its message."""
+    def first(x: BaseException) -> str:
+        lines = [ln.strip() for ln in str(x).splitlines() if ln.strip()]
+        return f"{type(x).__name__}: {lines[0][:160] if lines else ''}"
+    chain = _exception_chain(e)
+    text = " <- ".join(first(x) for x in chain[:limit])
+    return text + (" <- ..." if len(chain) > limit else "")
 
 
 def compiler_missing(backend: Any, device: torch.device | None = None) -> str | None:
@@ -83,6 +103,105 @@ def compile_fallback(owner: str, reason: str) -> None:
                   f"numbers, no speed-up)", RuntimeWarning, stacklevel=3)
 
 
+# ------------------------------------------------------------------------------------------
+# A failed trace must not poison the thread afterwards (torch 2.13 workaround)
+# ------------------------------------------------------------------------------------------
+# torch/_tensor_str.py::_str keeps ``guard = torch._C._DisableFuncTorch()`` in a local variable.
+# That guard, when destroyed, sets the thread's excluded dispatch keys back to what they were
+# when it was made. Fake-tensor tracing formats its errors with ``repr(tensor)``; inside a
+# functorch level (grad/vmap/jvp being traced) almost every key is excluded at that moment, and
+# the repr itself can raise (``unpack_dual`` -> ``_fw_primal``: "InferenceMode::is_enabled() &&
+# self.is_inference() INTERNAL ASSERT FAILED"). The raised exception's traceback then keeps the
+# ``_str`` frame, hence the guard, alive; Dynamo wraps it twice (the chain is full of reference
+# cycles: exception -> traceback -> frame -> exception) and restores the dispatch-key TLS on
+# its way out, so all looks well. Whenever Python's cyclic GC later
+# frees that garbage -- at an arbitrary moment: during the next compile, or in the middle of an
+# eager ``torch.func`` call -- the guard writes its stale key set (31 keys excluded: autograd,
+# ADInplaceOrView, Functionalize, FuncTorchGradWrapper, FuncTorchBatched, ...) into the
+# thread's TLS, and every later transform/compile in that thread fails ("Please convert all
+# Tensors to FakeTensors first ... GradTrackingTensor", "RuntimeError when making fake tensor
+# call", "element 0 of tensors does not require grad"). That was the intermittent, order-
+# dependent failure of the compile tests (tests/_compiled_quick.py reproduces the mechanism
+# without Dynamo's bug: ``FailingLikeTorch213``).
+# :func:`guarded_compiled_call` defuses it: no cyclic GC while the compiled function runs;
+# afterwards, if anything was traced, the frames of the raised exception chain are cleared and
+# the garbage collected *inside* ``_PreserveDispatchKeyGuard``, which then puts the thread's
+# (good) dispatch-key sets back; functorch levels and grad modes are restored as well.
+
+_GC_LOCK = threading.Lock()
+_GC_PAUSE = {"depth": 0, "was_enabled": False}
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No automatic cyclic GC inside the block (nesting- and thread-safe; ``gc.collect()`` still
+    runs when called explicitly)."""
+    with _GC_LOCK:
+        if _GC_PAUSE["depth"] == 0:
+            _GC_PAUSE["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _GC_PAUSE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            _GC_PAUSE["depth"] -= 1
+            if _GC_PAUSE["depth"] == 0 and _GC_PAUSE["was_enabled"]:
+                gc.enable()
+
+
+def _exception_chain(e: BaseException | None) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def _frames_count() -> int:
+    """Frames Dynamo has been asked to compile so far in this process (its own counter)."""
+    from torch._dynamo.utils import counters
+    return int(counters["frames"]["total"])
+
+
+def _defuse(error: BaseException | None) -> None:
+    """Release what a trace left behind (the exception chain's frame locals, cyclic garbage)
+    now, under a guard that restores the thread's dispatch-key sets afterwards."""
+    with torch._C._PreserveDispatchKeyGuard():
+        for exc in _exception_chain(error):
+            if exc.__traceback__ is not None:
+                traceback.clear_frames(exc.__traceback__)
+        gc.collect()
+
+
+def guarded_compiled_call(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` for a ``torch.compile``'d ``fn``, so that a trace that failed (raised, or
+    was abandoned by Dynamo for eager) cannot corrupt this thread's dispatch state later (the
+    torch 2.13 bug described above): the cost, a ``gc.collect()``, is paid only on calls that
+    traced something."""
+    from torch._C._functorch import get_dynamic_layer_stack_depth
+
+    frames = _frames_count()
+    depth = get_dynamic_layer_stack_depth()
+    grad, fwd_grad = torch.is_grad_enabled(), torch._C._is_fwd_grad_enabled()
+    error: BaseException | None = None
+    with _gc_paused():
+        try:
+            return fn(*args)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            if error is not None or _frames_count() != frames:
+                _defuse(error)
+            if error is not None:  # a trace that raised: its transforms' state is undone
+                if get_dynamic_layer_stack_depth() > depth:
+                    torch._C._functorch.pop_dynamic_layer_stack_and_undo_to_depth(depth)
+                torch.set_grad_enabled(grad)
+                torch._C._set_fwd_grad_enabled(fwd_grad)
+            error = None  # no reference cycle through this frame
+
+
 class CompiledHypergrad:
     """``hg(hparams, inner_batch, outer_batch, *, params0=None, state0=None)`` =
     :func:`bilevel.hypergrad` ``(problem, hparams, inner_batch, outer_batch, solver=...,
@@ -94,7 +213,9 @@ class CompiledHypergrad:
     problems per call, results stacked; ``randomness`` is vmap's). Called inside a user's own
     ``vmap``/``grad`` the object runs eagerly (Dynamo does not trace inside a functorch
     transform in torch 2.13: one warning), which is why ``in_dims`` exists.
-    ``eager`` is True once the object has fallen back to the eager estimator.
+    ``eager`` is True once the object has fallen back to the eager estimator; after a failed
+    compile ``fallback_error`` holds its traceback as text (also logged at INFO on the
+    ``bilevel.compiled`` logger); the warning names the outer error and its root cause.
     """
 
     def __init__(self, problem: BilevelProblem, *, solver: InnerSolver,
@@ -115,6 +236,7 @@ class CompiledHypergrad:
         self.problem, self.solver, self.estimator = problem, solver, estimator
         self.backend, self.check = backend, check
         self.eager = False
+        self.fallback_error: str | None = None  # the failed compile's traceback (text), if any
         self.in_dims = None if in_dims is None else _pad_dims(in_dims)
         self._core_fn = self._core if in_dims is None else torch.func.vmap(
             self._core, in_dims=self.in_dims, randomness=randomness)
@@ -176,11 +298,15 @@ class CompiledHypergrad:
         else:
             graphs = _graph_count()
             try:
-                result = self._compiled(hparams, inner_batch, outer_batch, params0, state0)
+                result = guarded_compiled_call(self._compiled, hparams, inner_batch,
+                                               outer_batch, params0, state0)
             except (BilevelError, FloatingPointError):
                 raise
             except Exception as e:  # the compiler failed: eager gives the same numbers
-                self._fallback(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                self.fallback_error = "".join(traceback.format_exception(e))
+                log.info("compiled_hypergrad(%r): the compile failed, running eagerly:\n%s",
+                         self.estimator, self.fallback_error)
+                self._fallback(_describe(e))
                 result = self._core_fn(hparams, inner_batch, outer_batch, params0, state0)
             else:
                 if not self._calls and _graph_count() == graphs:

@@ -232,7 +232,13 @@ def fused_oracles(problem: BilevelProblem, compile: bool = False) -> Callable:
             fz, fx = torch.func.grad(lambda zz, xx: f(zz, xx, bo), argnums=(0, 1))(z, x)
             return gz, hv, jv, fz, fx
 
-        _FUSED[key] = torch.compile(fn, dynamic=False) if compile else fn
+        if compile:  # a failed trace must not corrupt the thread's dispatch state later
+            from functools import partial
+
+            from ..compiled import guarded_compiled_call
+            _FUSED[key] = partial(guarded_compiled_call, torch.compile(fn, dynamic=False))
+        else:
+            _FUSED[key] = fn
     return _FUSED[key]
 
 
