@@ -75,6 +75,12 @@ def _grads(method: str, bench, K: int):
             return [grads[n] for n in names]
         return call
     from benchmarks.peers import maml as peers
+    if method.endswith("-cl"):  # a peer on the channels-last model (weights NHWC)
+        import copy
+
+        import torch
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        method = method[:-3]
     fn = getattr(peers, PEER_FN[method])
     xs, ys, xq, yq = bench.extra["data"]
 
@@ -147,8 +153,8 @@ def interleaved(methods: list[str], K: int, tasks: int, width: int, rounds: int
     for m in methods:
         rec: dict[str, Any] = {"method": m, "K": K, "tasks": tasks, "width": width,
                                "threads": 1, "protocol": "interleaved"}
-        if m in PEER_FN:
-            ok, why = peers.get(m, (True, ""))
+        if m in PEER_FN or m.removesuffix("-cl") in PEER_FN:
+            ok, why = peers.get(m.removesuffix("-cl"), (True, ""))
             rec["peer_version"] = why
             if not ok:
                 rec.update(status="skipped", reason=why)
@@ -320,6 +326,11 @@ def grid(args, argv) -> int:
     return 0
 
 
+def _is_peer(method: str) -> bool:
+    """A peer, in the default layout or channels-last (``<peer>-cl``)."""
+    return method.removesuffix("-cl") in PEER_FN
+
+
 def summarise(records: list[dict]) -> list[dict]:
     """One row per (width, tasks, K): compiled and eager time, the fastest peer (name and
     time), compiled / fastest-peer and compiled / eager ratios, compile time (first call −
@@ -331,7 +342,7 @@ def summarise(records: list[dict]) -> list[dict]:
     for w, b, K in keys:
         ok = {r["method"]: r for r in records if (r.get("width"), r.get("tasks"), r["K"])
               == (w, b, K) and r.get("status") == "ok"}
-        peers = {m: r["time_s"] for m, r in ok.items() if m in PEER_FN}
+        peers = {m: r["time_s"] for m, r in ok.items() if _is_peer(m)}
         comp, eag = ok.get("compiled"), ok.get("eager")
         row: dict[str, Any] = {"width": w, "tasks": b, "K": K}
         if peers:
@@ -351,7 +362,7 @@ def summarise(records: list[dict]) -> list[dict]:
                 row["break_even_vs_eager"] = c / gain if gain > 0 else None
         if eag:
             row["eager_s"] = eag["time_s"]
-        rels = [r.get("rel_vs_eager") for m, r in ok.items() if m in PEER_FN]
+        rels = [r.get("rel_vs_eager") for m, r in ok.items() if _is_peer(m)]
         rels = [x for x in rels if x is not None]
         row["peers_max_rel_vs_eager"] = max(rels) if rels else None
         rows.append(row)
