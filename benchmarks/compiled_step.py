@@ -362,6 +362,11 @@ def summarise(records: list[dict]) -> list[dict]:
                 row["break_even_vs_eager"] = c / gain if gain > 0 else None
         if eag:
             row["eager_s"] = eag["time_s"]
+        variants = {m: r["time_s"] for m, r in ok.items() if m.startswith("compiled")}
+        if variants and peers:
+            bestc = min(variants, key=variants.get)
+            row.update(best_compiled=bestc, best_compiled_s=variants[bestc],
+                       best_compiled_vs_fastest_peer=variants[bestc] / row["fastest_peer_s"])
         rels = [r.get("rel_vs_eager") for m, r in ok.items() if _is_peer(m)]
         rels = [x for x in rels if x is not None]
         row["peers_max_rel_vs_eager"] = max(rels) if rels else None
@@ -389,8 +394,8 @@ def grid_markdown(meta: dict, records: list[dict], n_configs: int | None = None)
               "| width | tasks | K | compiled (s) | eager (s) | fastest peer (s) | "
               "compiled / fastest peer | compiled / eager | compile (s) | "
               "break-even vs eager | break-even vs peer | compiled rel. diff | "
-              "peers max rel. diff |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "peers max rel. diff | best compiled variant / fastest peer |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peer = (f"{r['fastest_peer_s']:.3f} ({r['fastest_peer']})" if "fastest_peer" in r
                 else "-")
@@ -406,7 +411,9 @@ def grid_markdown(meta: dict, records: list[dict], n_configs: int | None = None)
             f"{_fmt(r.get('ratio_vs_fastest_peer'))} | {_fmt(r.get('ratio_vs_eager'))} | "
             f"{_fmt(r.get('compile_s'), '.0f')} | {be_e} | {be_p} | "
             f"{_fmt(r.get('compiled_rel_vs_eager'), '.1e')} | "
-            f"{_fmt(r.get('peers_max_rel_vs_eager'), '.1e')} |")
+            f"{_fmt(r.get('peers_max_rel_vs_eager'), '.1e')} | "
+            + (f"{r['best_compiled_vs_fastest_peer']:.2f} ({r['best_compiled']})"
+               if "best_compiled" in r else "-") + " |")
     lines += ["", "## Every method", "",
               "| width | tasks | K | method | time (s) | vs fastest peer | first call (s) | "
               "rel. diff vs ours-eager | samples (s) |", "|---|---|---|---|---|---|---|---|---|"]
