@@ -268,3 +268,64 @@ def test_learner_compile_argument_is_checked_and_reptile_says_it_is_not_compiled
         meta.MAML(Net().to(DT), compile="yes")
     with pytest.warns(RuntimeWarning, match="Reptile.*running eagerly"):
         meta.Reptile(Net().to(DT), compile=True)
+
+
+@pytest.mark.skipif(compiler_missing("inductor") is not None, reason="no C++ compiler")
+@pytest.mark.parametrize("name", ["SOBA-decay", "SABA"])
+def test_stochastic_compiled_chunks_inductor_equal_eager(name):
+    """bl.stochastic.run(compile=True): inductor's generated C++ gives the eager iterates
+    (float64), short blocks included (chunks of 2 and 1, and eager steps)."""
+    from test_stochastic import PROBLEM, logistic_data
+    from test_stochastic_fused import MAKERS, _init, _same
+
+    from bilevel.stochastic import Sampler, run
+    inner_data, outer_data, z0, x0 = logistic_data()
+    si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 6, seed=4)
+    alg = MAKERS[name]()
+    ref, _ = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 13)
+    out, _ = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 13, compile=True, chunk=2)
+    _same(ref, out, tol=1e-12)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, WAYS)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_compiled_learner_channels_last_weights_same_meta_gradient(vectorize):
+    """On the CPU, compile=True passes 4-D weights in channels-last layout (the compiled graph
+    sees that layout; eager never does); compile={"channels_last": False} keeps the model's.
+    Same float64 meta-gradient either way, equal to eager; the module's layout is untouched."""
+    torch.manual_seed(0)
+    model = ConvNet().to(DT)
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(TASKS, WAYS * SHOTS, 2, 6, 6, generator=g, dtype=DT)
+    xq = torch.randn(TASKS, WAYS * QUERIES, 2, 6, 6, generator=g, dtype=DT)
+    ys = torch.arange(WAYS).repeat_interleave(SHOTS).expand(TASKS, -1)
+    yq = torch.arange(WAYS).repeat_interleave(QUERIES).expand(TASKS, -1)
+    batch = meta.TaskBatch((xs, ys), (xq, yq))
+    ref = grads_of(meta.MAML(model, inner_steps=2, vectorize=vectorize), batch)[0]
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(x for x in example_inputs if isinstance(x, torch.Tensor)
+                    and tuple(x.shape[-4:]) == (4, 2, 3, 3))
+        return gm.forward
+
+    for cl in (True, False):
+        seen.clear()
+        torch._dynamo.reset()
+        learner = meta.MAML(model, inner_steps=2, vectorize=vectorize,
+                            compile={"backend": backend, "channels_last": cl})
+        got = grads_of(learner, batch)[0]
+        assert rel(got, ref) < 1e-10
+        assert seen and all(x.is_contiguous(memory_format=torch.channels_last) == cl
+                            for x in seen)
+    assert model.body[0].weight.is_contiguous()

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..compiled import compile_fallback, compiler_missing
+from ..compiled import compile_fallback, compiler_missing, guarded_compiled_call
 from ..problem import BilevelError, BilevelProblem
 from ..pytree import tree_map
 from ._common import Minibatch, Sampler, StochasticAlgorithm, check_finite
@@ -175,8 +175,9 @@ def _compiled_call(alg, problem, state, inner, outer, plan, sizes, weights, opti
     t0 = int(state.t)
     tensor_state, kinds = _numbers_to_tensors(state)
     try:
-        out = fn(tensor_state, inner.data, outer.data, torch.tensor(ids_in, device=dev),
-                 torch.tensor(ids_out, device=dev))
+        out = guarded_compiled_call(fn, tensor_state, inner.data, outer.data,
+                                    torch.tensor(ids_in, device=dev),
+                                    torch.tensor(ids_out, device=dev))
     except Exception as e:  # noqa: BLE001 - any tracing/codegen failure: eager, one warning
         _FAILED.add((alg, problem))
         _GRAPHS.pop(key, None)
