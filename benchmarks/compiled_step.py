@@ -36,8 +36,7 @@ OUT = Path(__file__).resolve().parent / "results"
 # extra variants of ours (``--methods``): (compile= of meta.MAML, channels-last weights,
 # torch._inductor.config patched around every call)
 VARIANTS: dict[str, tuple[Any, bool, dict]] = {
-    "compiled": (True, False, {}),  # compile=True: channels-last weights on CPU (default)
-    "compiled-nchw": ({"channels_last": False}, False, {}),  # the model's own layout
+    "compiled": (True, False, {}),
     "eager": (False, False, {}),
     "compiled-cl": (True, True, {}),
     "eager-cl": (False, True, {}),

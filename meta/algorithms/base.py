@@ -87,8 +87,9 @@ Conventions shared by every learner (the policies for a user's own ``nn.Module``
   tasks (MAML family, iMAML); the head-only learners' vmapped step and Reptile run eagerly
   with one warning. The first call compiles (Conv4 on CPU: minutes); same meta-gradient as
   eager (float64: 1e-10 relative, tested). Without a C++ compiler: eager with one warning.
-  On the CPU the convolution weights enter the compiled graph in channels-last layout (measured
-  1.6x faster compiled, slower eager; ``compile={"channels_last": False}`` turns it off).
+  On the CPU put a convolutional model in channels-last layout before compiling
+  (``model.to(memory_format=torch.channels_last)``): the compiled Conv4 step was 1.6-1.8x
+  faster that way (eager channels-last is slower; ``benchmarks/results/compiled-step-*``).
 - Accuracy: the query accuracy comes from the outer loss's own logits (its aux output,
   ``BilevelProblem(..., has_aux=True)``): no second query forward per task.
 - Several processes / GPUs: not ``DistributedDataParallel`` -- meta-gradients land in ``.grad``
@@ -182,27 +183,6 @@ def _stack(results: list[Any]) -> Any:
                     *results[1:])
 
 
-
-class _ChannelsLastOnCPU:
-    """A compiled hypergradient called with the 4-D (convolution) weights of θ on the CPU in
-    channels-last layout (same values; the meta-gradient comes back in that layout). Measured
-    on Conv4-64, 16 tasks, shared 2-core CPU, 2026-12-02 (``benchmarks/results/
-    compiled-step-target*-cpu.md``): compiled / fastest peer 1.02 -> 0.61 (K = 1) and 1.00 ->
-    0.63 (K = 5); eager is 1.13-1.17x SLOWER in channels-last, so only the compiled path uses
-    it. ``compile={"channels_last": False}`` keeps the model's own layout."""
-
-    def __init__(self, hg: Any) -> None:
-        self.hg = hg
-
-    def __call__(self, hparams: Params, *args: Any, **kwargs: Any) -> Any:
-        def layout(x: Any) -> Any:
-            if isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu":
-                return x.contiguous(memory_format=torch.channels_last)
-            return x
-        return self.hg(tree_map(layout, hparams), *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.hg, name)
 
 class MetaLearner:
     """Base class: a bilevel problem per task, ``bl.hypergrad`` per task, mean into ``.grad``.
@@ -500,13 +480,11 @@ class MetaLearner:
         cache = self.__dict__.setdefault("_compiled", {})
         if key not in cache:
             options = {} if self.compile is True else dict(self.compile)
-            channels_last = options.pop("channels_last", True)
             cache.clear()  # settings changed: the old graphs no longer apply
-            hg = bl.compiled_hypergrad(
+            cache[key] = bl.compiled_hypergrad(
                 problem, solver=solver, estimator=self.estimator,
                 in_dims=(None, 0, 0) if batched else None, randomness=self.randomness,
                 **options)
-            cache[key] = _ChannelsLastOnCPU(hg) if channels_last else hg
         return cache[key]
 
     def task_hypergrad(self, hparams: Params, task: TaskBatch, *, check: bool = True
