@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .compiled_step import OUT, _case_data, _fmt, time_interleaved
+from .compiled_step import OUT, _case_data, _fmt, break_even, time_interleaved
 
 LEARNERS = ["anil", "memoryreduced", "imaml"]
 
@@ -245,12 +245,10 @@ def summarise(records: list[dict]) -> list[dict]:
             row["compile_s"] = comp
             if e:
                 row["compiled_vs_eager"] = c["time_s"] / e["time_s"]
-                gain = e["time_s"] - c["time_s"]
-                row["break_even_vs_eager"] = comp / gain if gain > 0 else None
+                row["break_even_vs_eager"] = break_even(comp, e["time_s"], c["time_s"])
             if p:
                 row["compiled_vs_plain"] = c["time_s"] / p["time_s"]
-                gain = p["time_s"] - c["time_s"]
-                row["break_even_vs_plain"] = comp / gain if gain > 0 else None
+                row["break_even_vs_plain"] = break_even(comp, p["time_s"], c["time_s"])
         if e and p:
             row["eager_vs_plain"] = e["time_s"] / p["time_s"]
         rows.append(row)

@@ -46,6 +46,12 @@ VARIANTS: dict[str, tuple[Any, bool, dict]] = {
 }
 
 
+def break_even(compile_s: float, other_s: float, compiled_s: float) -> float | None:
+    """Iterations after which compiling pays: compile time / time saved per step (None: never)."""
+    gain = other_s - compiled_s
+    return compile_s / gain if gain > 0 else None
+
+
 def _grads(method: str, bench, K: int):
     """A zero-argument callable returning the mean meta-gradient as a list of tensors."""
     import meta
@@ -354,12 +360,10 @@ def summarise(records: list[dict]) -> list[dict]:
                        compiled_rel_vs_eager=comp.get("rel_vs_eager"))
             if peers:
                 row["ratio_vs_fastest_peer"] = comp["time_s"] / row["fastest_peer_s"]
-                gain = row["fastest_peer_s"] - comp["time_s"]
-                row["break_even_vs_peer"] = c / gain if gain > 0 else None
+                row["break_even_vs_peer"] = break_even(c, row["fastest_peer_s"], comp["time_s"])
             if eag:
                 row["ratio_vs_eager"] = comp["time_s"] / eag["time_s"]
-                gain = eag["time_s"] - comp["time_s"]
-                row["break_even_vs_eager"] = c / gain if gain > 0 else None
+                row["break_even_vs_eager"] = break_even(c, eag["time_s"], comp["time_s"])
         if eag:
             row["eager_s"] = eag["time_s"]
         variants = {m: r["time_s"] for m, r in ok.items() if m.startswith("compiled")}
