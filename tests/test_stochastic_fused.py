@@ -132,8 +132,9 @@ def test_no_compiler_falls_back(monkeypatch):
 
 
 def test_recompiles_bounded():
-    """One graph per chunk length (4, 2, 1 here), compiled once, whatever the number of calls,
-    the iteration counter and the decreasing step sizes."""
+    """One graph per chunk length (4, 2, 1 here) and one for an iteration on the short last
+    inner block, each compiled once, whatever the number of calls, the iteration counter and
+    the decreasing step sizes."""
     compiled = []
 
     def counting_backend(gm, example_inputs):
@@ -148,7 +149,7 @@ def test_recompiles_bounded():
         state, d = run(alg, PROBLEM, state, si, so, 12, compile={"backend": counting_backend},
                        chunk=4, draws=d)
     assert state.t == 48
-    assert 1 <= len(compiled) <= 3, compiled
+    assert 1 <= len(compiled) <= 4, compiled
 
 
 def test_bad_chunk():

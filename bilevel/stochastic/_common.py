@@ -106,7 +106,7 @@ class Sampler:
         self.data, self.batch_size, self.seed, self.shuffle = data, batch_size, int(seed), shuffle
         self.n_batches = (self.n + batch_size - 1) // batch_size
         self._blocks = [self._make(k) for k in range(self.n_batches)]
-        self._epoch, self._order = -1, None
+        self._orders: dict[int, list[int]] = {}  # the last two epochs' orders (look-ahead)
 
     def _make(self, k: int) -> Minibatch:
         lo, hi = k * self.batch_size, min((k + 1) * self.batch_size, self.n)
@@ -129,9 +129,12 @@ class Sampler:
 
     def __call__(self, t: int) -> Minibatch:
         epoch, pos = divmod(int(t), self.n_batches)
-        if epoch != self._epoch:
-            self._epoch, self._order = epoch, self.order(epoch)
-        return self._blocks[self._order[pos]]
+        order = self._orders.get(epoch)
+        if order is None:
+            if len(self._orders) >= 2:
+                self._orders.pop(min(self._orders))
+            order = self._orders[epoch] = self.order(epoch)
+        return self._blocks[order[pos]]
 
     def __len__(self) -> int:
         return self.n_batches

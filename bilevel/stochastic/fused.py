@@ -11,8 +11,9 @@ minibatches gathered inside the graph from block numbers,
 so the per-call overhead (tens of µs) is paid once per chunk. Same iterates as the eager loop
 (tested to 1e-12 in float64): same batches in the same order, same step sizes.
 
-What goes in a chunk: iterations whose every batch is a full block of its sampler (the short
-last block of an epoch and SRBA's full-batch resets run alone, eagerly) and that do not cross a
+What goes in a chunk: iterations whose every batch is a full block of its sampler (an
+iteration on the short last block of an epoch runs alone, through a one-iteration graph of
+that block size; SRBA's full-batch resets run eagerly) and that do not cross a
 ``callback`` point (an iteration t with (t+1) % every == 0 ends a chunk; choose ``every`` as a
 multiple of ``chunk``). Where a full chunk does not fit, shorter chunks do (powers of two:
 at most 1 + log2(chunk) graphs per algorithm, problem and batch shapes, each compiled once).
@@ -57,22 +58,24 @@ def _tensors_to_numbers(state: Any, kinds: dict) -> Any:
                                          else float(getattr(state, f))) for f in kinds})
 
 
-def _gather(data: Any, block: torch.Tensor, size: int, arange: torch.Tensor) -> Any:
-    idx = block * size + arange
+def _gather(data: Any, block: torch.Tensor, stride: int, arange: torch.Tensor) -> Any:
+    idx = block * stride + arange  # block k holds rows k·batch_size ... (+ its size)
     return tree_map(lambda a: a.index_select(0, idx) if isinstance(a, torch.Tensor) else a, data)
 
 
 def _make_chunk(alg: StochasticAlgorithm, problem: BilevelProblem, length: int,
-                sizes: tuple[int, int], weights: tuple[float, float]) -> Callable:
-    """``fn(state, inner_data, outer_data, inner_ids (L, n_in), outer_ids (L, n_out))``: L steps."""
-    (b_in, b_out), (w_in, w_out) = sizes, weights
+                sizes: tuple[int, int], weights: tuple[float, float],
+                strides: tuple[int, int]) -> Callable:
+    """``fn(state, inner_data, outer_data, inner_ids (L, n_in), outer_ids (L, n_out))``: L steps
+    on blocks of ``sizes`` rows (block k starts at row k · stride)."""
+    (b_in, b_out), (w_in, w_out), (s_in, s_out) = sizes, weights, strides
 
     def chunk(state, inner_data, outer_data, inner_ids, outer_ids):
         ar_in = torch.arange(b_in, device=inner_ids.device)
         ar_out = torch.arange(b_out, device=outer_ids.device)
         for step in range(length):
-            ib = [Minibatch(_gather(inner_data, k, b_in, ar_in), k, w_in) for k in inner_ids[step]]
-            ob = [Minibatch(_gather(outer_data, k, b_out, ar_out), k, w_out)
+            ib = [Minibatch(_gather(inner_data, k, s_in, ar_in), k, w_in) for k in inner_ids[step]]
+            ob = [Minibatch(_gather(outer_data, k, s_out, ar_out), k, w_out)
                   for k in outer_ids[step]]
             state, _ = alg.step(state, problem, ib, ob)
         return state
@@ -102,20 +105,30 @@ def _short_block(sampler: Sampler) -> int:
     return sampler.n_batches - 1 if sampler.n % sampler.batch_size else -2
 
 
+def _size(sampler: Sampler, k: int) -> int:
+    return min(sampler.batch_size, sampler.n - k * sampler.batch_size)
+
+
 def _plan(alg, t: int, inner: Sampler, outer: Sampler, draws: Draws, length: int
-          ) -> tuple[list, list] | None:
-    """Block ids (inner, outer: one list per iteration) of iterations t .. t+length−1 if every
-    one can go in a chunk (full blocks only, no SRBA reset), else None (``draws`` untouched)."""
+          ) -> tuple[list, list, tuple[int, int]] | None:
+    """Block ids (inner, outer: one list per iteration) of iterations t .. t+length−1 and the
+    block sizes, if every one can go in a chunk (no SRBA reset; full blocks only, except that a
+    single iteration may use a short last block when its batches of each side share one
+    size), else None (``draws`` untouched)."""
     needs_full = getattr(alg, "needs_full", None)
     if needs_full is not None and any(needs_full(s) for s in range(t, t + length)):
         return None
     n_in, n_out = alg.batches_per_step
     ids_in = [inner(draws.inner + k).id for k in range(length * n_in)]
     ids_out = [outer(draws.outer + k).id for k in range(length * n_out)]
-    if _short_block(inner) in ids_in or _short_block(outer) in ids_out:
+    if length > 1 and (_short_block(inner) in ids_in or _short_block(outer) in ids_out):
+        return None
+    size_in, size_out = {_size(inner, k) for k in ids_in}, {_size(outer, k) for k in ids_out}
+    if len(size_in) > 1 or len(size_out) > 1:  # one iteration mixing full and short blocks
         return None
     return ([ids_in[s * n_in:(s + 1) * n_in] for s in range(length)],
-            [ids_out[s * n_out:(s + 1) * n_out] for s in range(length)])
+            [ids_out[s * n_out:(s + 1) * n_out] for s in range(length)],
+            (size_in.pop(), size_out.pop()))
 
 
 def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, inner: Sampler,
@@ -134,8 +147,6 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
             _FAILED.add((alg, problem))
             compile_fallback(f"bl.stochastic.run({alg.name})", why)
     n_in, n_out = alg.batches_per_step
-    sizes = (inner.batch_size, outer.batch_size)
-    weights = (inner.batch_size / inner.n, outer.batch_size / outer.n)
     done = 0
     while done < n_steps:
         t = int(state.t)
@@ -151,8 +162,7 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
             length = 1
             state = eager_step(state, draws)
         else:
-            out = _compiled_call(alg, problem, state, inner, outer, plan, sizes, weights,
-                                 options, draws)
+            out = _compiled_call(alg, problem, state, inner, outer, plan, options, draws)
             if out is None:  # the trace failed: fall back (warned) and redo this iteration
                 continue
             state = out
@@ -162,15 +172,17 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
     return state, draws
 
 
-def _compiled_call(alg, problem, state, inner, outer, plan, sizes, weights, options, draws):
-    ids_in, ids_out = plan
+def _compiled_call(alg, problem, state, inner, outer, plan, options, draws):
+    ids_in, ids_out, sizes = plan
     length = len(ids_in)
-    key = (alg, problem, length, sizes, weights, len(ids_in[0]), len(ids_out[0]))
+    weights = (sizes[0] / inner.n, sizes[1] / outer.n)
+    strides = (inner.batch_size, outer.batch_size)
+    key = (alg, problem, length, sizes, weights, strides, len(ids_in[0]), len(ids_out[0]))
     fn = _GRAPHS.get(key)
     if fn is None:
         opts = {"dynamic": False, "fullgraph": True, **options}
-        fn = _GRAPHS[key] = torch.compile(_make_chunk(alg, problem, length, sizes, weights),
-                                          **opts)
+        fn = _GRAPHS[key] = torch.compile(
+            _make_chunk(alg, problem, length, sizes, weights, strides), **opts)
     dev = _device(inner)
     t0 = int(state.t)
     tensor_state, kinds = _numbers_to_tensors(state)
