@@ -100,11 +100,6 @@ def chunk_lengths(chunk: int) -> list[int]:
     return sorted(set(out), reverse=True)
 
 
-def _short_block(sampler: Sampler) -> int:
-    """The id of the sampler's partial last block (-2 when every block is full)."""
-    return sampler.n_batches - 1 if sampler.n % sampler.batch_size else -2
-
-
 def _size(sampler: Sampler, k: int) -> int:
     return min(sampler.batch_size, sampler.n - k * sampler.batch_size)
 
@@ -121,11 +116,11 @@ def _plan(alg, t: int, inner: Sampler, outer: Sampler, draws: Draws, length: int
     n_in, n_out = alg.batches_per_step
     ids_in = [inner(draws.inner + k).id for k in range(length * n_in)]
     ids_out = [outer(draws.outer + k).id for k in range(length * n_out)]
-    if length > 1 and (_short_block(inner) in ids_in or _short_block(outer) in ids_out):
-        return None
     size_in, size_out = {_size(inner, k) for k in ids_in}, {_size(outer, k) for k in ids_out}
-    if len(size_in) > 1 or len(size_out) > 1:  # one iteration mixing full and short blocks
+    if len(size_in) > 1 or len(size_out) > 1:  # full and short blocks mixed
         return None
+    if length > 1 and (size_in != {inner.batch_size} or size_out != {outer.batch_size}):
+        return None  # a short block only in a one-iteration graph
     return ([ids_in[s * n_in:(s + 1) * n_in] for s in range(length)],
             [ids_out[s * n_out:(s + 1) * n_out] for s in range(length)],
             (size_in.pop(), size_out.pop()))
@@ -141,7 +136,8 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
     if not isinstance(chunk, int) or chunk < 1:
         raise BilevelError(f"run: chunk must be a positive int, got {chunk!r}")
     options = dict(options)
-    why = compiler_missing(options.get("backend", "inductor"), _device(inner))
+    dev = _device(inner)
+    why = compiler_missing(options.get("backend", "inductor"), dev)
     if why is not None:
         if (alg, problem) not in _FAILED:
             _FAILED.add((alg, problem))
@@ -162,7 +158,7 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
             length = 1
             state = eager_step(state, draws)
         else:
-            out = _compiled_call(alg, problem, state, inner, outer, plan, options, draws)
+            out = _compiled_call(alg, problem, state, inner, outer, plan, options, draws, dev)
             if out is None:  # the trace failed: fall back (warned) and redo this iteration
                 continue
             state = out
@@ -172,7 +168,7 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
     return state, draws
 
 
-def _compiled_call(alg, problem, state, inner, outer, plan, options, draws):
+def _compiled_call(alg, problem, state, inner, outer, plan, options, draws, dev):
     ids_in, ids_out, sizes = plan
     length = len(ids_in)
     weights = (sizes[0] / inner.n, sizes[1] / outer.n)
@@ -183,7 +179,6 @@ def _compiled_call(alg, problem, state, inner, outer, plan, options, draws):
         opts = {"dynamic": False, "fullgraph": True, **options}
         fn = _GRAPHS[key] = torch.compile(
             _make_chunk(alg, problem, length, sizes, weights, strides), **opts)
-    dev = _device(inner)
     t0 = int(state.t)
     tensor_state, kinds = _numbers_to_tensors(state)
     try:
