@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..compiled import compile_fallback, compiler_missing, guarded_compiled_call
+from ..compiled import _describe, compile_fallback, compiler_missing, guarded_compiled_call
 from ..problem import BilevelError, BilevelProblem
 from ..pytree import tree_map
 from ._common import Minibatch, Sampler, StochasticAlgorithm, check_finite
@@ -188,8 +188,7 @@ def _compiled_call(alg, problem, state, inner, outer, plan, options, draws, dev)
     except Exception as e:  # noqa: BLE001 - any tracing/codegen failure: eager, one warning
         _FAILED.add((alg, problem))
         _GRAPHS.pop(key, None)
-        compile_fallback(f"bl.stochastic.run({alg.name})", f"{type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:300] if str(e) else ''}")
+        compile_fallback(f"bl.stochastic.run({alg.name})", _describe(e))
         return None
     out = _tensors_to_numbers(out, kinds)
     fields = {f: getattr(out, f) for f in ("z", "v", "x", "y") if f in out._fields}
