@@ -147,12 +147,18 @@ class TimeGate:
 # ------------------------------------------------------------------------------------------
 # runners
 # ------------------------------------------------------------------------------------------
+_ALGS: dict = {}  # (problem, algorithm, params, compile) -> algorithm object (stateless)
+
+
 def run_torch(bench, alg_name, params, seed, max_time, eval_freq, compile=False):
     step, ratio, extra = params
     si = st.Sampler(bench.inner_data, 64, seed=seed)
     so = st.Sampler(bench.outer_data, 64, seed=seed + 10_000)
-    alg = bj.torch_algorithm(alg_name, step, ratio, si.n, so.n, 64, **extra)
-    alg.check = False
+    key = (bench.name, alg_name, step, ratio, tuple(sorted(extra.items())), compile)
+    if key not in _ALGS:  # one object per configuration: its compiled graphs serve every seed
+        _ALGS[key] = bj.torch_algorithm(alg_name, step, ratio, si.n, so.n, 64, **extra)
+        _ALGS[key].check = False
+    alg = _ALGS[key]
     run_opts = {"compile": True, "chunk": CHUNK[alg_name]} if compile else {}
     init = {"n_inner_blocks": len(si), "n_outer_blocks": len(so)} if alg_name == "saba" else {}
     state = alg.init(bench.z0, bench.x0, **init)

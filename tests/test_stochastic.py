@@ -291,6 +291,15 @@ def test_sampler_epochs_and_replay():
     assert sum(s.block(k).weight for k in range(6)) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_sampler_ids_slice_the_stream(shuffle):
+    data = torch.arange(21.0, dtype=DT)[:, None]
+    s = Sampler(data, 4, seed=5, shuffle=shuffle)
+    for start, count in [(0, 6), (4, 9), (11, 20), (17, 1), (3, 0)]:
+        assert s.ids(start, count) == [s(t).id for t in range(start, start + count)]
+    assert s.short_block == 5 and Sampler(data[:20], 4).short_block is None
+
+
 def test_schedule():
     sch = Schedule(0.5, 0.5)
     assert sch(0) == 0.5 and sch(3) == pytest.approx(0.25)

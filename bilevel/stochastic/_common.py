@@ -136,6 +136,23 @@ class Sampler:
             order = self._orders[epoch] = self.order(epoch)
         return self._blocks[order[pos]]
 
+    def ids(self, start: int, count: int) -> list[int]:
+        """Block numbers of draws ``start, ..., start + count − 1`` (``[self(t).id ...]``,
+        sliced from the epoch orders: no Minibatch built)."""
+        out: list[int] = []
+        while count > 0:
+            epoch, pos = divmod(int(start), self.n_batches)
+            self(start)  # caches the epoch's order
+            take = min(count, self.n_batches - pos)
+            out += self._orders[epoch][pos:pos + take]
+            start, count = start + take, count - take
+        return out
+
+    @property
+    def short_block(self) -> int | None:
+        """The block number of the short last block (n not a multiple of batch_size), else None."""
+        return self.n_batches - 1 if self.n % self.batch_size else None
+
     def __len__(self) -> int:
         return self.n_batches
 

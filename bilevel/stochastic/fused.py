@@ -100,10 +100,6 @@ def chunk_lengths(chunk: int) -> list[int]:
     return sorted(set(out), reverse=True)
 
 
-def _size(sampler: Sampler, k: int) -> int:
-    return min(sampler.batch_size, sampler.n - k * sampler.batch_size)
-
-
 def _plan(alg, t: int, inner: Sampler, outer: Sampler, draws: Draws, length: int
           ) -> tuple[list, list, tuple[int, int]] | None:
     """Block ids (inner, outer: one list per iteration) of iterations t .. t+length−1 and the
@@ -114,16 +110,21 @@ def _plan(alg, t: int, inner: Sampler, outer: Sampler, draws: Draws, length: int
     if needs_full is not None and any(needs_full(s) for s in range(t, t + length)):
         return None
     n_in, n_out = alg.batches_per_step
-    ids_in = [inner(draws.inner + k).id for k in range(length * n_in)]
-    ids_out = [outer(draws.outer + k).id for k in range(length * n_out)]
-    size_in, size_out = {_size(inner, k) for k in ids_in}, {_size(outer, k) for k in ids_out}
-    if len(size_in) > 1 or len(size_out) > 1:  # full and short blocks mixed
-        return None
-    if length > 1 and (size_in != {inner.batch_size} or size_out != {outer.batch_size}):
-        return None  # a short block only in a one-iteration graph
+    ids_in = inner.ids(draws.inner, length * n_in)
+    ids_out = outer.ids(draws.outer, length * n_out)
+    sizes = []
+    for sampler, ids in ((inner, ids_in), (outer, ids_out)):
+        short = sampler.short_block
+        n_short = 0 if short is None else ids.count(short)
+        if n_short == 0:
+            sizes.append(sampler.batch_size)
+        elif n_short == len(ids) and length == 1:  # a short block only in a one-iteration graph
+            sizes.append(sampler.n - short * sampler.batch_size)
+        else:  # full and short blocks mixed
+            return None
     return ([ids_in[s * n_in:(s + 1) * n_in] for s in range(length)],
             [ids_out[s * n_out:(s + 1) * n_out] for s in range(length)],
-            (size_in.pop(), size_out.pop()))
+            (sizes[0], sizes[1]))
 
 
 def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, inner: Sampler,
@@ -177,6 +178,11 @@ def _compiled_call(alg, problem, state, inner, outer, plan, options, draws, dev)
     fn = _GRAPHS.get(key)
     if fn is None:
         opts = {"dynamic": False, "fullgraph": True, **options}
+        if opts.get("backend", "inductor") == "inductor":
+            # inductor's reorder_for_locality moves a table read (SABA's M[k]) after the
+            # in-place write of the same table, so its re-inplacing pass gives up and every
+            # call copies every SAGA table twice (≈ 60 MB per call on covtype)
+            opts["options"] = {"reorder_for_locality": False, **opts.get("options", {})}
         fn = _GRAPHS[key] = torch.compile(
             _make_chunk(alg, problem, length, sizes, weights, strides), **opts)
     t0 = int(state.t)

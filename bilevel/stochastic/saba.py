@@ -63,7 +63,9 @@ def saga(mem: SagaTable, phi: PyTree, k: int, w: float, inplace: bool
         diff = tree_map(lambda p, tab: p - tab.index_select(0, idx)[0], phi, mem.table)
         direction = tree_map(torch.add, diff, mem.mean)
         if inplace:
-            tree_map(lambda tab, p: tab.index_copy_(0, idx, p.unsqueeze(0)), mem.table, phi)
+            # index_put_, not index_copy_: inductor re-places index_put on the table (no
+            # full-table copy per iteration)
+            tree_map(lambda tab, p: tab.index_put_((idx,), p.unsqueeze(0)), mem.table, phi)
             tree_map(lambda m, d: m.add_(d, alpha=w), mem.mean, diff)
             return direction, mem
         table = tree_map(lambda tab, p: tab.index_copy(0, idx, p.unsqueeze(0)), mem.table, phi)
