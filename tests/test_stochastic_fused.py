@@ -152,6 +152,36 @@ def test_recompiles_bounded():
     assert 1 <= len(compiled) <= 4, compiled
 
 
+@pytest.mark.parametrize("name", ["SOBA", "SABA", "StocBiO"])
+def test_precompile_leaves_nothing_to_compile_in_the_run(name):
+    """precompile compiles every graph a run can ask for (each chunk length, the short inner
+    and outer last blocks), leaves state and samplers untouched, and the run then compiles
+    nothing; its iterates are still the eager ones."""
+    compiled = []
+
+    def counting_backend(gm, example_inputs):
+        compiled.append(len(example_inputs))
+        return gm.forward
+
+    inner_data, outer_data, z0, x0 = logistic_data()
+    si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 7, seed=4)  # short blocks 4, 2
+    alg = MAKERS[name]()
+    state = _init(alg, z0, x0, si, so)
+    before = {f: getattr(state, f).clone() for f in ("z", "v", "x") if f in state._fields}
+    opts = {"backend": counting_backend}
+    n = bl.stochastic.precompile(alg, PROBLEM, state, si, so, chunk=4, compile=opts)
+    # lengths 4, 2, 1, + short inner / outer / both blocks (StocBiO: several inner batches a
+    # step, so a short inner block always runs eagerly: short outer only)
+    expected = {"SOBA": 6, "SABA": 6, "StocBiO": 4}[name]
+    assert n == len(compiled) == expected, (n, compiled)
+    assert all(torch.equal(getattr(state, f), before[f]) for f in before)
+    assert bl.stochastic.precompile(alg, PROBLEM, state, si, so, chunk=4, compile=opts) == 0
+    out, _ = run(alg, PROBLEM, state, si, so, 40, compile=opts, chunk=4)
+    assert len(compiled) == expected  # nothing compiled during the run
+    ref, _ = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 40)
+    _same(ref, out)
+
+
 def test_bad_chunk():
     inner_data, outer_data, z0, x0 = logistic_data()
     si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 6, seed=4)

@@ -25,6 +25,7 @@ from ._common import (
 )
 from .amigo import AmIGO, AmIGOState
 from .f2sa import F2SA, F2SAState
+from .fused import precompile
 from .loop import Draws, next_batches, run
 from .online import Online
 from .saba import SABA, SABAState
@@ -33,7 +34,7 @@ from .srba import SRBA, SRBAState, srba_period
 from .stocbio import StocBiO, StocBiOState
 
 __all__ = ["datasets", "problems", "SOBA", "SABA", "SRBA", "AmIGO", "StocBiO", "F2SA",
-           "Schedule", "Sampler", "Online",
+           "Schedule", "Sampler", "Online", "precompile",
            "Minibatch", "StochasticAlgorithm", "run", "next_batches", "Draws", "srba_period",
            "inner_oracles", "inner_grad", "outer_grads", "hvp", "cross_vjp", "SOBAState",
            "SABAState", "SRBAState", "AmIGOState", "StocBiOState", "F2SAState"]

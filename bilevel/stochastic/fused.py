@@ -16,7 +16,8 @@ iteration on the short last block of an epoch runs alone, through a one-iteratio
 that block size; SRBA's full-batch resets run eagerly) and that do not cross a
 ``callback`` point (an iteration t with (t+1) % every == 0 ends a chunk; choose ``every`` as a
 multiple of ``chunk``). Where a full chunk does not fit, shorter chunks do (powers of two:
-at most 1 + log2(chunk) graphs per algorithm, problem and batch shapes, each compiled once).
+at most 1 + log2(chunk) graphs per algorithm, problem and batch shapes, each compiled once;
+:func:`precompile` compiles them, and the short-block graphs, ahead of a run).
 
 Inside the graph the iteration counter ``t`` is a 0-d float64 tensor (step-size schedules must
 accept a tensor t: :class:`~bilevel.stochastic.Schedule` does), block numbers are 0-d tensors,
@@ -27,6 +28,7 @@ loss with data-dependent Python control flow) falls back to the eager loop with 
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +40,7 @@ from ..pytree import tree_map
 from ._common import Minibatch, Sampler, StochasticAlgorithm, check_finite
 from .loop import Draws
 
-__all__ = ["run_compiled", "compiled_lengths", "chunk_lengths"]
+__all__ = ["run_compiled", "compiled_lengths", "chunk_lengths", "precompile"]
 
 _GRAPHS: dict = {}  # (alg, problem, length, batch layout) -> compiled chunk function
 _FAILED: set = set()  # (alg, problem) pairs that fell back to eager
@@ -167,6 +169,44 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
         if callback is not None and state.t % every == 0:
             callback(state, draws)
     return state, draws
+
+
+def precompile(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, inner: Sampler,
+               outer: Sampler, chunk: int = 16, compile: bool | dict = True) -> int:
+    """Compile, before a timed or long run, every graph ``run(alg, problem, state, inner, outer,
+    n, compile=compile, chunk=chunk)`` can ask for: each chunk length with full blocks, and the
+    one-iteration graphs of the short last blocks (inner, outer, both). Runs them once on a
+    copy of ``state`` (``state`` and the samplers are untouched), then collects the compiler's
+    garbage (a full GC pass of ~0.5 s that would otherwise land in the run). Returns the number
+    of graphs compiled now (0 when all were there already, or after a fallback to eager, which
+    warns)."""
+    if not isinstance(chunk, int) or chunk < 1:
+        raise BilevelError(f"precompile: chunk must be a positive int, got {chunk!r}")
+    options = {} if compile is True else dict(compile)
+    dev = _device(inner)
+    n_in, n_out = alg.batches_per_step
+    plans = [([[0] * n_in] * length, [[0] * n_out] * length,
+              (inner.batch_size, outer.batch_size)) for length in chunk_lengths(chunk)]
+    short_in = [inner.short_block] if n_in == 1 and inner.short_block is not None else []
+    short_out = [outer.short_block] if n_out == 1 and outer.short_block is not None else []
+    for ki in [None] + short_in:
+        for ko in [None] + short_out:
+            if ki is not None or ko is not None:
+                plans.append(([[ki or 0] * n_in], [[ko or 0] * n_out],
+                              (_size(inner, ki), _size(outer, ko))))
+    before, copy = len(_GRAPHS), tree_map(
+        lambda a: a.clone() if isinstance(a, torch.Tensor) else a, state)
+    for plan in plans:
+        if (alg, problem) in _FAILED or _compiled_call(
+                alg, problem, copy, inner, outer, plan, options, Draws(), dev) is None:
+            return 0
+    if len(_GRAPHS) > before:  # the compiler's garbage: one full collection now, not in the run
+        gc.collect()
+    return len(_GRAPHS) - before
+
+
+def _size(sampler: Sampler, k: int | None) -> int:
+    return sampler.batch_size if k is None else sampler.n - k * sampler.batch_size
 
 
 def _compiled_call(alg, problem, state, inner, outer, plan, options, draws, dev):

@@ -42,7 +42,8 @@ def run(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, inner: Sa
 
     ``compile=True`` (or a dict of ``torch.compile`` options) runs ``chunk`` consecutive
     iterations per compiled call (:mod:`bilevel.stochastic.fused`: same iterates, tens of times
-    faster on small models; the first call of each graph compiles, seconds to a minute on CPU).
+    faster on small models; the first call of each graph compiles, seconds to a minute on CPU:
+    :func:`bl.stochastic.precompile` compiles them all before a timed run).
     Choose ``every`` as a multiple of ``chunk``: a chunk never crosses a callback point."""
     if not isinstance(inner, Sampler) or not isinstance(outer, Sampler):
         raise BilevelError("run: inner and outer must be bl.stochastic.Sampler objects")
