@@ -4,6 +4,7 @@
     python -m benchmarks.bilevel_suite --seeds 5 --max-time 10 --compile
     python -m benchmarks.bilevel_suite --ijcnn1 ijcnn1 ijcnn1.t --covtype covtype.libsvm \\
         --mnist DIR                                        # the real datasets, when present
+    python -m benchmarks.bilevel_suite --problems hyper-cleaning --mnist synthetic  # MNIST-sized
 
 Protocol (benchopt benchmark_bilevel's): batch 64, warm-started single-loop/two-loop solvers,
 step sizes from its ``config/*_best_params.yml`` (``--grid`` runs the grid of its
@@ -112,7 +113,10 @@ def build_problems(args) -> dict[str, pb.Bench]:
         out["covtype"] = pb.multinomial_l2(split, dtype=dt)
         out["covtype"].extra["data"] = "real" if args.covtype else "synthetic (real sizes)"
     if "hyper-cleaning" in args.problems:
-        if args.mnist:
+        if args.mnist == "synthetic":
+            split = ds.synthetic_mnist_hyper_cleaning(ratio=0.5, dtype=dt)
+            name = "synthetic MNIST-sized"
+        elif args.mnist:
             split = ds.mnist_hyper_cleaning(args.mnist, ratio=0.5, dtype=dt)
             name = "MNIST"
         else:
@@ -350,7 +354,8 @@ def main(argv=None) -> None:
     ap.add_argument("--grid", action="store_true", help="the benchmark's step-size grids")
     ap.add_argument("--ijcnn1", nargs=2, metavar=("TRAIN", "TEST"))
     ap.add_argument("--covtype", metavar="LIBSVM")
-    ap.add_argument("--mnist", metavar="DIR")
+    ap.add_argument("--mnist", metavar="DIR",
+                    help="MNIST's IDX files, or 'synthetic' for same-size synthetic data")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.problems is None:
