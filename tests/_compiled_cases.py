@@ -288,7 +288,8 @@ def test_stochastic_compiled_chunks_inductor_equal_eager(name):
     _same(ref, out, tol=1e-12)
 
 
-def test_compiled_saba_updates_its_tables_in_place():
+@pytest.mark.parametrize("compile", [True, {"mode": "default"}])
+def test_compiled_saba_updates_its_tables_in_place(compile):
     """No full copy of a SAGA table per compiled call (inductor re-places the table writes;
     regression: reorder_for_locality moved the M[k] read after the write, and every call copied
     every table twice): the generated code has no loop over a whole table."""
@@ -303,7 +304,7 @@ def test_compiled_saba_updates_its_tables_in_place():
     alg = SABA(0.2, 0.1)
     state = alg.init(z0, x0, len(si), len(so))
     tables = [state.memory[k].table for k in state.memory]
-    (out, _), code = run_and_get_code(run, alg, PROBLEM, state, si, so, 8, compile=True,
+    (out, _), code = run_and_get_code(run, alg, PROBLEM, state, si, so, 8, compile=compile,
                                       chunk=4)
     assert code, "nothing was compiled"
     for n in {t.numel() for t in tables}:  # 37·4 and 19·4 elements

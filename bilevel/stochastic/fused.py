@@ -28,6 +28,7 @@ loss with data-dependent Python control flow) falls back to the eager loop with 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import Callable
 from typing import Any
@@ -216,21 +217,25 @@ def _compiled_call(alg, problem, state, inner, outer, plan, options, draws, dev)
     strides = (inner.batch_size, outer.batch_size)
     key = (alg, problem, length, sizes, weights, strides, len(ids_in[0]), len(ids_out[0]))
     fn = _GRAPHS.get(key)
+    compiling = contextlib.nullcontext()
     if fn is None:
-        opts = {"dynamic": False, "fullgraph": True, **options}
-        if opts.get("backend", "inductor") == "inductor":
-            # inductor's reorder_for_locality moves a table read (SABA's M[k]) after the
-            # in-place write of the same table, so its re-inplacing pass gives up and every
-            # call copies every SAGA table twice (≈ 60 MB per call on covtype)
-            opts["options"] = {"reorder_for_locality": False, **opts.get("options", {})}
         fn = _GRAPHS[key] = torch.compile(
-            _make_chunk(alg, problem, length, sizes, weights, strides), **opts)
+            _make_chunk(alg, problem, length, sizes, weights, strides),
+            **{"dynamic": False, "fullgraph": True, **options})
+        # inductor's reorder_for_locality moves a table read (SABA's M[k]) after the in-place
+        # write of the same table; its re-inplacing pass then gives up and every call copies
+        # every SAGA table twice (≈ 60 MB per call on covtype). Off while this graph compiles
+        # (with any mode=; options={"reorder_for_locality": ...} still wins)
+        if options.get("backend", "inductor") == "inductor":
+            from torch._inductor import config as inductor_config
+            compiling = inductor_config.patch(reorder_for_locality=False)
     t0 = int(state.t)
     tensor_state, kinds = _numbers_to_tensors(state)
     try:
-        out = guarded_compiled_call(fn, tensor_state, inner.data, outer.data,
-                                    torch.tensor(ids_in, device=dev),
-                                    torch.tensor(ids_out, device=dev))
+        with compiling:
+            out = guarded_compiled_call(fn, tensor_state, inner.data, outer.data,
+                                        torch.tensor(ids_in, device=dev),
+                                        torch.tensor(ids_out, device=dev))
     except Exception as e:  # noqa: BLE001 - any tracing/codegen failure: eager, one warning
         _FAILED.add((alg, problem))
         _GRAPHS.pop(key, None)
