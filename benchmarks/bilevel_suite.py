@@ -291,6 +291,11 @@ def summarise(results: list[dict]) -> dict:
     return summary
 
 
+def ratio_text(r: float) -> str:
+    """Two significant digits, trailing zero kept below 10: 2.0, 0.36, 0.036, 28, 150."""
+    return f"{r:.0f}" if r >= 10 else f"{r:#.2g}"
+
+
 def write_table(summary, meta, path: Path) -> str:
     lines = [f"# Stochastic bilevel suite ({meta['date']})", "",
              f"Device: {meta['device']}; torch {meta['torch']}, jax {meta['jax']}; "
@@ -307,7 +312,7 @@ def write_table(summary, meta, path: Path) -> str:
         for (p, alg, impl), v in sorted(rows.items(), key=lambda kv: (ALGS.index(kv[0][1]),
                                                                       kv[0][2])):
             jax_v = rows.get((p, alg, "jax"))
-            ratio = (f"{v['us_per_it'] / jax_v['us_per_it']:.2g}×"
+            ratio = (f"{ratio_text(v['us_per_it'] / jax_v['us_per_it'])}×"
                      if jax_v and impl != "jax" else "")
             ttt = v["time_to_target"]
             lines.append(f"| {NAMES[alg]} | {impl} | {v['us_per_it']:.1f} | {v['final']:.4g} | "
@@ -357,6 +362,15 @@ def plot(summary, meta, out: Path) -> None:
         plt.close(fig)
 
 
+def report(records: Path) -> str:
+    """Table and plots again from a run's records.json (same folder)."""
+    data = json.loads(records.read_text())
+    summary = summarise(data["runs"])
+    text = write_table(summary, data["meta"], records.parent / "table.md")
+    plot(summary, data["meta"], records.parent)
+    return text
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="< 5 minutes")
@@ -375,7 +389,12 @@ def main(argv=None) -> None:
     ap.add_argument("--mnist", metavar="DIR",
                     help="MNIST's IDX files, or 'synthetic' for same-size synthetic data")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--report", metavar="RECORDS_JSON",
+                    help="run nothing: rewrite table.md and the plots beside a records.json")
     args = ap.parse_args(argv)
+    if args.report:
+        report(Path(args.report))
+        return
     if args.problems is None:
         args.problems = (["ijcnn1", "hyper-cleaning"] if args.quick else
                          ["quadratic", "ijcnn1", "covtype", "hyper-cleaning"])

@@ -35,6 +35,25 @@ def test_summary_table_and_band(tmp_path):
     assert not math.isnan(v_t["target"])
 
 
+@pytest.mark.parametrize("r, text", [(2.0, "2.0"), (0.36, "0.36"), (0.0357, "0.036"),
+                                     (3.64, "3.6"), (28.4, "28"), (153.0, "153")])
+def test_ratio_text_two_significant_digits(r, text):
+    assert bs.ratio_text(r) == text
+
+
+def test_report_rewrites_table_and_plots_from_records(tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+    runs = [_run("soba", impl, s, 0.2) for impl in ("torch", "jax") for s in (1, 2)]
+    meta = {"date": "d", "device": "cpu", "torch": "t", "jax": "j", "benchmark_commit": "c",
+            "seeds": 2, "max_time": 2, "command": "cmd", "data": {"p": "synthetic"},
+            "metric": {"p": "subopt"}}
+    (tmp_path / "records.json").write_text(json.dumps({"meta": meta, "runs": runs}))
+    text = bs.report(tmp_path / "records.json")
+    assert (tmp_path / "table.md").read_text() == text and "| SOBA | torch |" in text
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
 def test_config_grid_reads_benchmark_yml():
     from benchmarks import bilevel_jax as bj
     if bj.benchmark_repo() is None:
