@@ -272,8 +272,8 @@ def torch_algorithm(name: str, step_size: float, outer_ratio: float, n_inner: in
 def replay_torch(alg, bench, ids_inner, ids_outer, batch_size, n_iter):
     """Run ``alg`` on ``bench`` for n_iter iterations consuming the given block-id streams."""
     from bilevel import stochastic as st
-    si = st.Sampler(bench.inner_data, batch_size, shuffle=False)
-    so = st.Sampler(bench.outer_data, batch_size, shuffle=False)
+    si = st.Sampler(bench.inner_data, batch_size, shuffle=False, last="overlap")
+    so = st.Sampler(bench.outer_data, batch_size, shuffle=False, last="overlap")
     init = {}
     if isinstance(alg, st.SABA):
         init = {"n_inner_blocks": len(si), "n_outer_blocks": len(so)}
@@ -294,14 +294,12 @@ def replay_torch(alg, bench, ids_inner, ids_outer, batch_size, n_iter):
 def compare_iterates(name: str, bench, kind: str, n_iter: int = 8, batch_size: int = 64,
                      step_size: float = 0.1, outer_ratio: float = 1.0, random_state: int = 1,
                      **params) -> float:
-    """max |ours − benchmark| over (z, x) after n_iter iterations, float64, same stream.
-    Needs sample counts that are multiples of batch_size (the benchmark clamps the last
-    partial batch onto the previous rows)."""
+    """max |ours − benchmark| over (z, x) after n_iter iterations, float64, same stream. Any
+    sample counts: the benchmark's last partial batch is the last batch_size rows, which our
+    ``Sampler(last="overlap")`` gives."""
     set_x64(True)
     n_in = bench.inner_data[0].shape[0]
     n_out = bench.outer_data[0].shape[0]
-    if n_in % batch_size or n_out % batch_size:
-        raise ValueError("sample counts must be multiples of batch_size")
     kw = {"n_classes": bench.z0.shape[1]} if bench.z0.dim() == 2 else {}
     if kind == "quadratic":
         kw["mu"] = bench.extra["mu"]

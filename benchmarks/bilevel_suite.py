@@ -10,11 +10,14 @@ Protocol (benchopt benchmark_bilevel's): batch 64, warm-started single-loop/two-
 step sizes from its ``config/*_best_params.yml`` (``--grid`` runs the grid of its
 ``config/<problem>.yml`` and keeps the best median), seeds 1..S, median with a 20-80 % band
 against wall-clock time (evaluation excluded) and against oracle calls (minibatch gradient /
-HVP / cross-VJP evaluations × batch size). Metric: h(x_t) − h* (quadratic, ijcnn1: exact
-value function), test error (covtype, hyper-cleaning). Without the real files the problems
-use synthetic data of the real sizes (``bilevel.stochastic.datasets``); digits hyper-cleaning
-uses scikit-learn's digits. Writes ``records.json``, ``table.md`` and ``<problem>.png`` to
-``--out`` (default benchmarks/results/bilevel_suite[_quick]).
+HVP / cross-VJP evaluations × batch size). Batches as the benchmark draws them: its last
+partial batch of an epoch is the last 64 rows (``Sampler(last="overlap")`` on our side, so
+every batch has 64 rows and ``--compile`` runs every iteration in a chunk). Metric:
+h(x_t) − h* (quadratic, ijcnn1: exact value function), test error (covtype, hyper-cleaning).
+Without the real files the problems use synthetic data of the real sizes
+(``bilevel.stochastic.datasets``); digits hyper-cleaning uses scikit-learn's digits. Writes
+``records.json``, ``table.md`` and ``<problem>.png`` to ``--out`` (default
+benchmarks/results/bilevel_suite[_quick]).
 """
 
 from __future__ import annotations
@@ -171,8 +174,9 @@ _ALGS: dict = {}  # (problem, algorithm, params, compile) -> algorithm object (s
 
 def run_torch(bench, alg_name, params, seed, max_time, eval_freq, compile=False):
     step, ratio, extra = params
-    si = st.Sampler(bench.inner_data, 64, seed=seed)
-    so = st.Sampler(bench.outer_data, 64, seed=seed + 10_000)
+    # the benchmark's batches: its last partial batch is the last 64 rows (clamped slice)
+    si = st.Sampler(bench.inner_data, 64, seed=seed, last="overlap")
+    so = st.Sampler(bench.outer_data, 64, seed=seed + 10_000, last="overlap")
     key = (bench.name, alg_name, step, ratio, tuple(sorted(extra.items())), compile)
     if key not in _ALGS:  # one object per configuration: its compiled graphs serve every seed
         _ALGS[key] = bj.torch_algorithm(alg_name, step, ratio, si.n, so.n, 64, **extra)

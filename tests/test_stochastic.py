@@ -300,6 +300,25 @@ def test_sampler_ids_slice_the_stream(shuffle):
     assert s.short_block == 5 and Sampler(data[:20], 4).short_block is None
 
 
+def test_sampler_overlap_last_block_is_the_last_rows():
+    """last="overlap": the last block is the last b rows (benchopt's clamped slice), full
+    size, with weight (n mod b)/n; the stream of block ids is the "short" sampler's."""
+    data = (torch.arange(21.0, dtype=DT)[:, None], torch.arange(21.0, dtype=DT))
+    s, short = Sampler(data, 4, seed=3, last="overlap"), Sampler(data, 4, seed=3)
+    assert len(s) == 6 and s.short_block is None and short.short_block == 5
+    assert s.block(5).data[1].tolist() == [17.0, 18.0, 19.0, 20.0]  # rows 17..20, not 20 only
+    assert all(s.block(k).data[1].shape == (4,) for k in range(6))
+    assert [s.block(k).weight for k in range(6)] == [4 / 21] * 5 + [1 / 21]
+    assert sum(s.block(k).weight for k in range(6)) == pytest.approx(1.0)
+    for k in range(5):
+        assert torch.equal(s.block(k).data[0], short.block(k).data[0])
+    assert s.ids(0, 30) == short.ids(0, 30) and [s.start(k) for k in (0, 4, 5)] == [0, 16, 17]
+    exact = Sampler(data[1][:20], 4, last="overlap")  # b divides n: "overlap" changes nothing
+    assert exact.block(4).data.tolist() == [16.0, 17.0, 18.0, 19.0]
+    with pytest.raises(bl.BilevelError, match="last must be 'short'.*'overlap'"):
+        Sampler(data, 4, last="drop")
+
+
 def test_schedule():
     sch = Schedule(0.5, 0.5)
     assert sch(0) == 0.5 and sch(3) == pytest.approx(0.25)

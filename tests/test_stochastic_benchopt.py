@@ -28,6 +28,16 @@ def test_equal_iterates_ijcnn1(name, ijcnn1_small):
                                outer_ratio=0.5) < 1e-12
 
 
+@pytest.mark.parametrize("name", ALGS)
+def test_equal_iterates_partial_last_batch(name):
+    """250 / 190 rows, batch 64: the benchmark's last batch of each side is its last 64 rows,
+    weighted (n mod 64)/n; ours with Sampler(last="overlap"). 10 iterations visit it."""
+    bench = pb.logreg_l2(ds.synthetic_ijcnn1(n_train=250, n_val=190, seed=2), seed=0,
+                         h_star=0.0)
+    assert bj.compare_iterates(name, bench, "ijcnn1", n_iter=10, step_size=0.1,
+                               outer_ratio=0.5) < 1e-12
+
+
 @pytest.mark.parametrize("name", ["saba"])
 def test_equal_iterates_hyper_cleaning(name):
     split = ds.digits_hyper_cleaning(n_train=256, n_val=128)

@@ -83,6 +83,40 @@ def test_compiled_chunks_equal_eager_iterates(name):
     _same(ref30, more)
 
 
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_overlap_sampler_runs_every_iteration_in_a_chunk(name, monkeypatch):
+    """With Sampler(last="overlap") every block has batch_size rows: no iteration runs eagerly
+    (except SRBA's full-batch resets), even AmIGO/StocBiO/F2SA, which draw more inner batches a
+    step than an epoch has blocks; the iterates (and SABA's weighted tables) are the eager
+    loop's on the same sampler."""
+    eager_at = []
+    real = fused.run_compiled
+
+    def spy(*args):
+        *rest, eager_step = args
+
+        def counted(state, draws):
+            eager_at.append(state.t)
+            return eager_step(state, draws)
+        return real(*rest, counted)
+
+    monkeypatch.setattr(fused, "run_compiled", spy)
+    inner_data, outer_data, z0, x0 = logistic_data()  # 44 rows / 8: overlap last block
+    si = Sampler(inner_data, 8, seed=3, last="overlap")
+    so = Sampler(outer_data, 7, seed=4, last="overlap")
+    alg = MAKERS[name]()
+    n = 24
+    ref, d_ref = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, n)
+    out, d_out = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, n, compile=AOT, chunk=4)
+    _same(ref, out)
+    assert (d_out.inner, d_out.outer) == (d_ref.inner, d_ref.outer)
+    if isinstance(alg, SABA):
+        for k in ref.memory:
+            _same_tree(ref.memory[k], out.memory[k], 1e-12)
+    resets = [t for t in range(n) if getattr(alg, "needs_full", None) and alg.needs_full(t)]
+    assert eager_at == resets, eager_at
+
+
 def test_callbacks_fire_at_the_same_iterations():
     inner_data, outer_data, z0, x0 = logistic_data()
     si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 6, seed=4)

@@ -91,27 +91,51 @@ def _first_dim(data: Any) -> int:
 class Sampler:
     """Minibatches of a dataset, shuffled by epoch and replayable from a seed.
 
-    The n rows are cut once into ``ceil(n / batch_size)`` contiguous blocks (the last one may be
-    smaller); epoch e visits every block once in the order ``randperm(n_blocks)`` drawn from a
-    generator seeded with ``(seed, e)``. Draw t (t = 0, 1, ...) is therefore a pure function of
-    (seed, t): ``sampler(t)``. Blocks are views (no copy). ``shuffle=False`` visits 0, 1, ...
+    The n rows are cut once into K = ``ceil(n / batch_size)`` contiguous blocks; epoch e visits
+    every block once in the order ``randperm(K)`` drawn from a generator seeded with
+    ``(seed, e)``. Draw t (t = 0, 1, ...) is therefore a pure function of (seed, t):
+    ``sampler(t)``. Blocks are views (no copy). ``shuffle=False`` visits 0, 1, ...
+
+    When batch_size b does not divide n, ``last`` says what the last block K−1 holds:
+
+    - ``"short"`` (default): rows (K−1)·b ... n−1, the n mod b rows left, weight (n mod b)/n;
+    - ``"overlap"``: the LAST b rows n−b ... n−1 (full size, overlapping block K−2), weight
+      still (n mod b)/n -- benchopt's bilevel benchmark (its clamped ``dynamic_slice``). Every
+      batch then has b rows, so compiled runs (``run(..., compile=True)``) put every
+      iteration in a chunk, even algorithms that draw more batches per step than there are
+      blocks.
+
+    Either way the weights sum to one (Σ_k w_k = 1, the SAGA mean of :class:`SABA`).
     """
 
-    def __init__(self, data: Any, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, data: Any, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 last: str = "short") -> None:
         self.n = _first_dim(data)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise BilevelError(f"Sampler: batch_size must be a positive int, got {batch_size!r}")
         if batch_size > self.n:
             raise BilevelError(f"Sampler: batch_size {batch_size} exceeds the {self.n} rows")
+        if last not in ("short", "overlap"):
+            raise BilevelError(f"Sampler: last must be 'short' (the n mod batch_size rows left) "
+                               f"or 'overlap' (the last batch_size rows, as benchopt's bilevel "
+                               f"benchmark), got {last!r}")
         self.data, self.batch_size, self.seed, self.shuffle = data, batch_size, int(seed), shuffle
+        self.last = last
         self.n_batches = (self.n + batch_size - 1) // batch_size
         self._blocks = [self._make(k) for k in range(self.n_batches)]
         self._orders: dict[int, list[int]] = {}  # the last two epochs' orders (look-ahead)
 
+    def start(self, k: int) -> int:
+        """First row of block k: k·b, or n − b for an ``"overlap"`` last block."""
+        return min(k * self.batch_size, self.n - self.batch_size) if self.last == "overlap" \
+            else k * self.batch_size
+
     def _make(self, k: int) -> Minibatch:
-        lo, hi = k * self.batch_size, min((k + 1) * self.batch_size, self.n)
+        lo = self.start(k)
+        hi = min(lo + self.batch_size, self.n)
+        w = (min((k + 1) * self.batch_size, self.n) - k * self.batch_size) / self.n
         data = tree_map(lambda a: a[lo:hi] if isinstance(a, torch.Tensor) else a, self.data)
-        return Minibatch(data, k, (hi - lo) / self.n)
+        return Minibatch(data, k, w)
 
     def order(self, epoch: int) -> list[int]:
         """Block order of epoch ``epoch``."""
@@ -150,8 +174,9 @@ class Sampler:
 
     @property
     def short_block(self) -> int | None:
-        """The block number of the short last block (n not a multiple of batch_size), else None."""
-        return self.n_batches - 1 if self.n % self.batch_size else None
+        """The block number of the short last block (n not a multiple of batch_size and
+        ``last="short"``), else None (every block holds batch_size rows)."""
+        return self.n_batches - 1 if self.n % self.batch_size and self.last == "short" else None
 
     def __len__(self) -> int:
         return self.n_batches

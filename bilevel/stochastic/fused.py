@@ -13,7 +13,9 @@ so the per-call overhead (tens of µs) is paid once per chunk. Same iterates as 
 
 What goes in a chunk: iterations whose every batch is a full block of its sampler (an
 iteration on the short last block of an epoch runs alone, through a one-iteration graph of
-that block size; SRBA's full-batch resets run eagerly) and that do not cross a
+that block size, or eagerly when it shares the step with full blocks; with
+``Sampler(last="overlap")`` every block is full; SRBA's full-batch resets run eagerly) and that
+do not cross a
 ``callback`` point (an iteration t with (t+1) % every == 0 ends a chunk; choose ``every`` as a
 multiple of ``chunk``). Where a full chunk does not fit, shorter chunks do (powers of two:
 at most 1 + log2(chunk) graphs per algorithm, problem and batch shapes, each compiled once;
@@ -61,24 +63,48 @@ def _tensors_to_numbers(state: Any, kinds: dict) -> Any:
                                          else float(getattr(state, f))) for f in kinds})
 
 
-def _gather(data: Any, block: torch.Tensor, stride: int, arange: torch.Tensor) -> Any:
-    idx = block * stride + arange  # block k holds rows k·batch_size ... (+ its size)
+def _gather(data: Any, block: torch.Tensor, layout: tuple, arange: torch.Tensor) -> Any:
+    stride, clamp, _ = layout
+    start = block * stride  # block k holds rows k·batch_size ... (+ its size)
+    if clamp is not None:  # an "overlap" last block: the last batch_size rows
+        start = torch.clamp(start, max=clamp)
+    idx = start + arange
     return tree_map(lambda a: a.index_select(0, idx) if isinstance(a, torch.Tensor) else a, data)
 
 
+def _weight(block: torch.Tensor, layout: tuple) -> float | torch.Tensor:
+    w = layout[2]
+    if isinstance(w, float):
+        return w
+    w_full, w_last, k_last = w  # the overlap last block weighs (n mod b)/n, the others b/n
+    f64 = torch.float64
+    return torch.where(block == k_last, torch.tensor(w_last, dtype=f64, device=block.device),
+                       torch.tensor(w_full, dtype=f64, device=block.device))
+
+
+def _layout(sampler: Sampler, size: int) -> tuple:
+    """How a graph finds a block of ``size`` rows: (stride, clamp, weight): block k starts at
+    row min(k·stride, clamp) (clamp None: k·stride) and weighs ``weight``, or (w_full,
+    w_last, k_last) when an ``"overlap"`` last block weighs less than the others."""
+    b, n = sampler.batch_size, sampler.n
+    if sampler.last == "overlap" and n % b:
+        return b, n - b, (b / n, (n % b) / n, sampler.n_batches - 1)
+    return b, None, size / n
+
+
 def _make_chunk(alg: StochasticAlgorithm, problem: BilevelProblem, length: int,
-                sizes: tuple[int, int], weights: tuple[float, float],
-                strides: tuple[int, int]) -> Callable:
+                sizes: tuple[int, int], layouts: tuple[tuple, tuple]) -> Callable:
     """``fn(state, inner_data, outer_data, inner_ids (L, n_in), outer_ids (L, n_out))``: L steps
-    on blocks of ``sizes`` rows (block k starts at row k · stride)."""
-    (b_in, b_out), (w_in, w_out), (s_in, s_out) = sizes, weights, strides
+    on blocks of ``sizes`` rows, found and weighed as ``layouts`` say (:func:`_layout`)."""
+    (b_in, b_out), (lay_in, lay_out) = sizes, layouts
 
     def chunk(state, inner_data, outer_data, inner_ids, outer_ids):
         ar_in = torch.arange(b_in, device=inner_ids.device)
         ar_out = torch.arange(b_out, device=outer_ids.device)
         for step in range(length):
-            ib = [Minibatch(_gather(inner_data, k, s_in, ar_in), k, w_in) for k in inner_ids[step]]
-            ob = [Minibatch(_gather(outer_data, k, s_out, ar_out), k, w_out)
+            ib = [Minibatch(_gather(inner_data, k, lay_in, ar_in), k, _weight(k, lay_in))
+                  for k in inner_ids[step]]
+            ob = [Minibatch(_gather(outer_data, k, lay_out, ar_out), k, _weight(k, lay_out))
                   for k in outer_ids[step]]
             state, _ = alg.step(state, problem, ib, ob)
         return state
@@ -213,14 +239,13 @@ def _size(sampler: Sampler, k: int | None) -> int:
 def _compiled_call(alg, problem, state, inner, outer, plan, options, draws, dev):
     ids_in, ids_out, sizes = plan
     length = len(ids_in)
-    weights = (sizes[0] / inner.n, sizes[1] / outer.n)
-    strides = (inner.batch_size, outer.batch_size)
-    key = (alg, problem, length, sizes, weights, strides, len(ids_in[0]), len(ids_out[0]))
+    layouts = (_layout(inner, sizes[0]), _layout(outer, sizes[1]))
+    key = (alg, problem, length, sizes, layouts, len(ids_in[0]), len(ids_out[0]))
     fn = _GRAPHS.get(key)
     compiling = contextlib.nullcontext()
     if fn is None:
         fn = _GRAPHS[key] = torch.compile(
-            _make_chunk(alg, problem, length, sizes, weights, strides),
+            _make_chunk(alg, problem, length, sizes, layouts),
             **{"dynamic": False, "fullgraph": True, **options})
         # inductor's reorder_for_locality moves a table read (SABA's M[k]) after the in-place
         # write of the same table; its re-inplacing pass then gives up and every call copies

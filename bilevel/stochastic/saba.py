@@ -66,7 +66,10 @@ def saga(mem: SagaTable, phi: PyTree, k: int, w: float, inplace: bool
             # index_put_, not index_copy_: inductor re-places index_put on the table (no
             # full-table copy per iteration)
             tree_map(lambda tab, p: tab.index_put_((idx,), p.unsqueeze(0)), mem.table, phi)
-            tree_map(lambda m, d: m.add_(d, alpha=w), mem.mean, diff)
+            if isinstance(w, torch.Tensor):  # an "overlap" sampler's block weight (0-d)
+                tree_map(lambda m, d: m.add_(w * d), mem.mean, diff)
+            else:
+                tree_map(lambda m, d: m.add_(d, alpha=w), mem.mean, diff)
             return direction, mem
         table = tree_map(lambda tab, p: tab.index_copy(0, idx, p.unsqueeze(0)), mem.table, phi)
         return direction, SagaTable(table, tree_map(lambda m, d: m + w * d, mem.mean, diff))
