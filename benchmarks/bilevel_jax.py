@@ -58,8 +58,16 @@ def benchmark_repo() -> Path | None:
 
 
 def repo_commit() -> str:
+    """The checkout's commit: ``git rev-parse`` in a work tree (``BENCHMARK_BILEVEL``), else
+    the suffix of the extracted archive's folder name."""
     p = benchmark_repo()
-    return p.name.rsplit("-", 1)[-1] if p is not None else "?"
+    if p is None:
+        return "?"
+    try:
+        return subprocess.check_output(["git", "-C", str(p), "rev-parse", "--short=7", "HEAD"],
+                                       text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return p.name.rsplit("-", 1)[-1]
 
 
 def load_solver_class(name: str):

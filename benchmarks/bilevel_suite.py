@@ -295,6 +295,17 @@ def summarise(results: list[dict]) -> dict:
     return summary
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def ratio_text(r: float) -> str:
     """Two significant digits, trailing zero kept below 10: 2.0, 0.36, 0.036, 28, 150."""
     return f"{r:.0f}" if r >= 10 else f"{r:#.2g}"
@@ -444,7 +455,7 @@ def main(argv=None) -> None:
     import jax as _jax  # noqa: F401  (version string only)
     meta = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": f"shared 2-core CPU ({platform.processor() or platform.machine()}), "
+        "device": f"{os.cpu_count()}-core CPU ({cpu_model()}), "
                   f"{torch.get_num_threads()} torch thread(s)",
         "torch": torch.__version__, "jax": _jax.__version__ if use_jax else "-",
         "benchmark_commit": bj.repo_commit() if use_jax else "-", "seeds": seeds,

@@ -41,6 +41,10 @@ def test_ratio_text_two_significant_digits(r, text):
     assert bs.ratio_text(r) == text
 
 
+def test_records_name_the_cpu():
+    assert isinstance(bs.cpu_model(), str) and bs.cpu_model()
+
+
 def test_report_rewrites_table_and_plots_from_records(tmp_path):
     pytest.importorskip("matplotlib")
     import json
