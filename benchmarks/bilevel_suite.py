@@ -377,12 +377,27 @@ def plot(summary, meta, out: Path) -> None:
         plt.close(fig)
 
 
-def report(records: Path) -> str:
-    """Table and plots again from a run's records.json (same folder)."""
-    data = json.loads(records.read_text())
-    summary = summarise(data["runs"])
-    text = write_table(summary, data["meta"], records.parent / "table.md")
-    plot(summary, data["meta"], records.parent)
+def report(records: Path | list[Path], out: Path | None = None) -> str:
+    """Table and plots again from a run's records.json (written beside it), or from several
+    runs' records (e.g. problems split over cores) merged into ``out``/records.json."""
+    paths = [records] if isinstance(records, Path) else list(records)
+    datas = [json.loads(p.read_text()) for p in paths]
+    if out is None:
+        if len(paths) > 1:
+            raise ValueError("report: several records need an output folder (--out)")
+        out = paths[0].parent
+    meta, runs = dict(datas[0]["meta"]), [r for d in datas for r in d["runs"]]
+    if len(datas) > 1:
+        for key in ("data", "metric"):
+            meta[key] = {k: v for d in datas for k, v in d["meta"][key].items()}
+        meta["command"] = " ; ".join(d["meta"]["command"] for d in datas)
+        meta["date"] = " / ".join(sorted({d["meta"]["date"] for d in datas}))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "records.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1,
+                                                     default=float))
+    summary = summarise(runs)
+    text = write_table(summary, meta, out / "table.md")
+    plot(summary, meta, out)
     return text
 
 
@@ -404,11 +419,12 @@ def main(argv=None) -> None:
     ap.add_argument("--mnist", metavar="DIR",
                     help="MNIST's IDX files, or 'synthetic' for same-size synthetic data")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--report", metavar="RECORDS_JSON",
-                    help="run nothing: rewrite table.md and the plots beside a records.json")
+    ap.add_argument("--report", metavar="RECORDS_JSON", nargs="+",
+                    help="run nothing: rewrite table.md and the plots beside a records.json "
+                         "(several: merged into --out)")
     args = ap.parse_args(argv)
     if args.report:
-        report(Path(args.report))
+        print(report([Path(p) for p in args.report], Path(args.out) if args.out else None))
         return
     if args.problems is None:
         args.problems = (["ijcnn1", "hyper-cleaning"] if args.quick else

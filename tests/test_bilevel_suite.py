@@ -56,6 +56,16 @@ def test_report_rewrites_table_and_plots_from_records(tmp_path):
     text = bs.report(tmp_path / "records.json")
     assert (tmp_path / "table.md").read_text() == text and "| SOBA | torch |" in text
     assert (tmp_path / "p.png").stat().st_size > 0
+    # two runs (problems split over processes) merged into one folder
+    other = {"meta": {**meta, "command": "cmd2", "data": {"q": "synthetic"},
+                      "metric": {"q": "subopt"}},
+             "runs": [{**r, "problem": "q"} for r in runs]}
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    merged = bs.report([tmp_path / "records.json", tmp_path / "b.json"], tmp_path / "m")
+    assert "## p " in merged and "## q " in merged and "cmd ; cmd2" in merged
+    assert len(json.loads((tmp_path / "m" / "records.json").read_text())["runs"]) == 8
+    with pytest.raises(ValueError, match="--out"):
+        bs.report([tmp_path / "records.json", tmp_path / "b.json"])
 
 
 def test_config_grid_reads_benchmark_yml():
