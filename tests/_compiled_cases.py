@@ -288,26 +288,30 @@ def test_stochastic_compiled_chunks_inductor_equal_eager(name):
     _same(ref, out, tol=1e-12)
 
 
-@pytest.mark.parametrize("compile", [True, {"mode": "default"}])
-def test_compiled_saba_updates_its_tables_in_place(compile):
+@pytest.mark.parametrize("compile, last", [(True, "short"), ({"mode": "default"}, "short"),
+                                           (True, "overlap")])
+def test_compiled_saba_updates_its_tables_in_place(compile, last):
     """No full copy of a SAGA table per compiled call (inductor re-places the table writes;
     regression: reorder_for_locality moved the M[k] read after the write, and every call copied
-    every table twice): the generated code has no loop over a whole table."""
+    every table twice): the generated code has no loop over a whole table. Also with an
+    "overlap" sampler (block weights computed in the graph)."""
     import re
 
     from test_stochastic import PROBLEM, logistic_data
     from torch._inductor.utils import run_and_get_code
 
     from bilevel.stochastic import SABA, Sampler, run
-    inner_data, outer_data, z0, x0 = logistic_data(n_in=74, n_out=38)
-    si, so = Sampler(inner_data, 2, seed=3), Sampler(outer_data, 2, seed=4)  # 37 and 19 blocks
+    odd = last == "overlap"  # 75 / 39 rows: the last block of each side overlaps
+    inner_data, outer_data, z0, x0 = logistic_data(n_in=74 + odd, n_out=38 + odd)
+    si = Sampler(inner_data, 2, seed=3, last=last)  # 37 or 38 blocks
+    so = Sampler(outer_data, 2, seed=4, last=last)  # 19 or 20 blocks
     alg = SABA(0.2, 0.1)
     state = alg.init(z0, x0, len(si), len(so))
     tables = [state.memory[k].table for k in state.memory]
     (out, _), code = run_and_get_code(run, alg, PROBLEM, state, si, so, 8, compile=compile,
                                       chunk=4)
     assert code, "nothing was compiled"
-    for n in {t.numel() for t in tables}:  # 37·4 and 19·4 elements
+    for n in {t.numel() for t in tables}:  # blocks · 4 elements
         assert not re.search(rf"<static_cast<int64_t>\({n}L\)", "\n".join(code)), n
     assert all(out.memory[k].table is t for k, t in zip(out.memory, tables))  # in place
     ref, _ = run(alg, PROBLEM, alg.init(z0, x0, len(si), len(so)), si, so, 8)
