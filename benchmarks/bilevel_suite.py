@@ -387,7 +387,7 @@ def report(records: Path | list[Path], out: Path | None = None) -> str:
             raise ValueError("report: several records need an output folder (--out)")
         out = paths[0].parent
     meta, runs = dict(datas[0]["meta"]), [r for d in datas for r in d["runs"]]
-    if len(datas) > 1:
+    if len(datas) > 1 or out != paths[0].parent:  # the table's records go beside it
         for key in ("data", "metric"):
             meta[key] = {k: v for d in datas for k, v in d["meta"][key].items()}
         meta["command"] = " ; ".join(d["meta"]["command"] for d in datas)

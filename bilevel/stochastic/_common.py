@@ -130,12 +130,18 @@ class Sampler:
         return min(k * self.batch_size, self.n - self.batch_size) if self.last == "overlap" \
             else k * self.batch_size
 
+    def size(self, k: int) -> int:
+        """Rows in block k: b, or n mod b for a ``"short"`` last block."""
+        return min(self.start(k) + self.batch_size, self.n) - self.start(k)
+
+    def weight(self, k: int) -> float:
+        """Block k's share of the partition: b/n, or (n mod b)/n for the last block."""
+        return (min((k + 1) * self.batch_size, self.n) - k * self.batch_size) / self.n
+
     def _make(self, k: int) -> Minibatch:
-        lo = self.start(k)
-        hi = min(lo + self.batch_size, self.n)
-        w = (min((k + 1) * self.batch_size, self.n) - k * self.batch_size) / self.n
+        lo, hi = self.start(k), self.start(k) + self.size(k)
         data = tree_map(lambda a: a[lo:hi] if isinstance(a, torch.Tensor) else a, self.data)
-        return Minibatch(data, k, w)
+        return Minibatch(data, k, self.weight(k))
 
     def order(self, epoch: int) -> list[int]:
         """Block order of epoch ``epoch``."""

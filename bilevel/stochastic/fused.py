@@ -86,10 +86,11 @@ def _layout(sampler: Sampler, size: int) -> tuple:
     """How a graph finds a block of ``size`` rows: (stride, clamp, weight): block k starts at
     row min(k·stride, clamp) (clamp None: k·stride) and weighs ``weight``, or (w_full,
     w_last, k_last) when an ``"overlap"`` last block weighs less than the others."""
-    b, n = sampler.batch_size, sampler.n
-    if sampler.last == "overlap" and n % b:
-        return b, n - b, (b / n, (n % b) / n, sampler.n_batches - 1)
-    return b, None, size / n
+    last = sampler.n_batches - 1
+    if sampler.last == "overlap" and sampler.n % sampler.batch_size:
+        return sampler.batch_size, sampler.start(last), (sampler.weight(0),
+                                                          sampler.weight(last), last)
+    return sampler.batch_size, None, size / sampler.n
 
 
 def _make_chunk(alg: StochasticAlgorithm, problem: BilevelProblem, length: int,
@@ -148,7 +149,7 @@ def _plan(alg, t: int, inner: Sampler, outer: Sampler, draws: Draws, length: int
         if n_short == 0:
             sizes.append(sampler.batch_size)
         elif n_short == len(ids) and length == 1:  # a short block only in a one-iteration graph
-            sizes.append(sampler.n - short * sampler.batch_size)
+            sizes.append(sampler.size(short))
         else:  # full and short blocks mixed
             return None
     return ([ids_in[s * n_in:(s + 1) * n_in] for s in range(length)],
@@ -233,7 +234,7 @@ def precompile(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, in
 
 
 def _size(sampler: Sampler, k: int | None) -> int:
-    return sampler.batch_size if k is None else sampler.n - k * sampler.batch_size
+    return sampler.batch_size if k is None else sampler.size(k)
 
 
 def _compiled_call(alg, problem, state, inner, outer, plan, options, draws, dev):
