@@ -272,10 +272,12 @@ def test_learner_compile_argument_is_checked_and_reptile_says_it_is_not_compiled
 
 
 @pytest.mark.skipif(compiler_missing("inductor") is not None, reason="no C++ compiler")
-@pytest.mark.parametrize("name", ["SOBA-decay", "SABA"])
+@pytest.mark.parametrize("name", ["SOBA-decay", "SABA", "SABA-copy", "SRBA", "AmIGO", "StocBiO",
+                                  "F2SA"])
 def test_stochastic_compiled_chunks_inductor_equal_eager(name):
     """bl.stochastic.run(compile=True): inductor's generated C++ gives the eager iterates
-    (float64), short blocks included (chunks of 2 and 1, and eager steps)."""
+    (float64), short blocks included (chunks of 2 and 1, and eager steps; loop graphs of
+    at most 2 iterations for all but in-place SABA)."""
     from test_stochastic import PROBLEM, logistic_data
     from test_stochastic_fused import MAKERS, _init, _same
 

@@ -73,6 +73,28 @@ def test_inductor_hypergrad_equals_eager_with_one_graph(est):
 
 
 @needs_cxx
+@pytest.mark.parametrize("name", ["SOBA-decay", "SRBA"])
+def test_inductor_while_loop_runner_equals_eager(name):
+    """bl.stochastic.run(compile=True) as inductor while_loop graphs with the C++ wrapper:
+    the eager iterates (float64), with short last blocks (their own loop graphs) and SRBA's
+    eager resets between loop calls; no fallback."""
+    from test_stochastic import PROBLEM, logistic_data
+    from test_stochastic_fused import MAKERS, _init, _same
+
+    from bilevel.stochastic import Sampler, fused, run
+    inner_data, outer_data, z0, x0 = logistic_data()
+    si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 6, seed=4)
+    alg = MAKERS[name]()
+    ref, _ = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 23)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out, _ = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 23, compile=True)
+    assert not [str(w.message) for w in seen if "bl.stochastic.run" in str(w.message)]
+    assert fused.uses_loop(alg, PROBLEM)
+    _same(ref, out, tol=1e-12)
+
+
+@needs_cxx
 @pytest.mark.filterwarnings("ignore:.*stationary")
 def test_inductor_maml_with_batch_norm_vmapped_equals_eager_with_one_graph():
     torch.manual_seed(0)

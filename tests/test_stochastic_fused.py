@@ -204,9 +204,10 @@ def test_precompile_leaves_nothing_to_compile_in_the_run(name):
     before = {f: getattr(state, f).clone() for f in ("z", "v", "x") if f in state._fields}
     opts = {"backend": counting_backend}
     n = bl.stochastic.precompile(alg, PROBLEM, state, si, so, chunk=4, compile=opts)
-    # lengths 4, 2, 1, + short inner / outer / both blocks (StocBiO: several inner batches a
-    # step, so a short inner block always runs eagerly: short outer only)
-    expected = {"SOBA": 6, "SABA": 6, "StocBiO": 4}[name]
+    # SOBA, StocBiO: one while_loop graph; SABA (in-place tables): unrolled lengths 4, 2, 1;
+    # + short inner / outer / both blocks (StocBiO: several inner batches a step, so a short
+    # inner block always runs eagerly: short outer only)
+    expected = {"SOBA": 4, "SABA": 6, "StocBiO": 2}[name]
     assert n == len(compiled) == expected, (n, compiled)
     assert all(torch.equal(getattr(state, f), before[f]) for f in before)
     assert bl.stochastic.precompile(alg, PROBLEM, state, si, so, chunk=4, compile=opts) == 0
@@ -236,3 +237,89 @@ def test_online_compiled_equals_eager_online():
     assert info["t"] == comp.t == eager.t == 17
     assert comp.oracle_calls == eager.oracle_calls
     _same(eager.state, comp.state)
+
+
+def _counting():
+    compiled = []
+
+    def backend(gm, example_inputs):
+        compiled.append(len(example_inputs))
+        return gm.forward
+    return compiled, {"backend": backend}
+
+
+def _spy_counts(monkeypatch) -> list[tuple[int, int]]:
+    """(count, capacity) of every loop-graph call."""
+    calls, real = [], fused.guarded_compiled_call
+
+    def spy(fn, *args):
+        if len(args) == 6:  # a loop graph: (leaves, data, data, ids, ids, count)
+            calls.append((int(args[5]), args[3].shape[0]))
+        return real(fn, *args)
+    monkeypatch.setattr(fused, "guarded_compiled_call", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["SOBA", "SRBA", "AmIGO", "SABA-copy"])
+def test_one_loop_graph_serves_every_count(name, monkeypatch):
+    """A while_loop graph runs up to ``chunk`` iterations per call, padded to one shape: 600
+    iterations are calls of 256, 256, 88 (default chunk) of ONE graph, shortened only by SRBA's
+    eager resets, and give the eager iterates."""
+    inner_data, outer_data, z0, x0 = logistic_data(n_in=45, n_out=31)
+    si = Sampler(inner_data, 8, seed=3, last="overlap")  # 6 blocks, none short
+    so = Sampler(outer_data, 6, seed=4, last="overlap")
+    alg = MAKERS[name]()
+    assert fused.uses_loop(alg)
+    compiled, opts = _counting()
+    calls = _spy_counts(monkeypatch)
+    out, draws = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 600, compile=opts)
+    assert len(compiled) == 1 and {cap for _, cap in calls} == {fused.LOOP_CHUNK}
+    if name == "SRBA":  # a reset every 5 iterations: 4 iterations per call
+        assert {c for c, _ in calls} == {4}
+    else:
+        assert [c for c, _ in calls] == [256, 256, 88]
+    ref, rdraws = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 600)
+    _same(ref, out)
+    assert draws.oracle_calls == rdraws.oracle_calls and draws.inner == rdraws.inner
+
+
+def test_chunk_bounds_the_loop_count(monkeypatch):
+    inner_data, outer_data, z0, x0 = logistic_data()
+    si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 6, seed=4)  # short blocks
+    alg = SOBA(0.3, 0.2)
+    calls = _spy_counts(monkeypatch)
+    out, _ = run(alg, PROBLEM, alg.init(z0, x0), si, so, 40, compile=AOT, chunk=7)
+    assert calls and max(c for c, _ in calls) <= 7 and {cap for _, cap in calls} == {7}
+    assert sum(c for c, _ in calls) == 40  # short blocks too: their own loop graphs
+    ref, _ = run(alg, PROBLEM, alg.init(z0, x0), si, so, 40)
+    _same(ref, out)
+
+
+class MutatingSOBA(SOBA):
+    """A step that updates a tensor of its input state in place (as in-place SABA does)."""
+
+    def step(self, state, problem, inner_batches, outer_batches):
+        state.v.mul_(1.0)
+        return super().step(state, problem, inner_batches, outer_batches)
+
+
+def test_a_failed_loop_trace_falls_back_to_unrolled_chunks_with_one_warning():
+    inner_data, outer_data, z0, x0 = logistic_data()
+    si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 6, seed=4)
+    alg = MutatingSOBA(0.3, 0.2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out, draws = run(alg, PROBLEM, alg.init(z0, x0), si, so, 20, compile=AOT, chunk=4)
+        out, _ = run(alg, PROBLEM, out, si, so, 20, draws=draws, compile=AOT, chunk=4)
+    msgs = [str(w.message) for w in seen if "while_loop" in str(w.message)]
+    assert len(msgs) == 1 and "unrolled chunks" in msgs[0], msgs
+    assert not any("running eagerly" in str(w.message) for w in seen)
+    assert not fused.uses_loop(alg, PROBLEM) and fused.compiled_lengths(alg, PROBLEM)
+    ref, _ = run(alg, PROBLEM, alg.init(z0, x0), si, so, 40)
+    _same(ref, out)
+
+
+def test_saba_loops_only_without_in_place_tables():
+    assert not SABA(0.1, 0.1).loop_compatible
+    assert SABA(0.1, 0.1, inplace=False).loop_compatible
+    assert all(m().loop_compatible for n, m in MAKERS.items() if n not in ("SABA",))

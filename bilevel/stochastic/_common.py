@@ -373,6 +373,9 @@ class StochasticAlgorithm:
 
     name = "stochastic"
     oracle_calls: tuple[int, int] = (0, 0)
+    # run(compile=...) may compile the step as the body of one while_loop (the step keeps its
+    # state functional: no in-place update of a tensor it was given)
+    loop_compatible: bool = True
 
     @property
     def batches_per_step(self) -> tuple[int, int]:  # pragma: no cover - overridden

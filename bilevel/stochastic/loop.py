@@ -36,15 +36,17 @@ def next_batches(alg: StochasticAlgorithm, t: int, inner: Sampler, outer: Sample
 def run(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, inner: Sampler,
         outer: Sampler, n_steps: int, callback: Callable[[Any, Draws], None] | None = None,
         every: int = 1, draws: Draws | None = None, compile: bool | dict = False,
-        chunk: int = 16) -> tuple[Any, Draws]:
+        chunk: int | None = None) -> tuple[Any, Draws]:
     """``n_steps`` iterations of ``alg`` from ``state``; ``callback(state, draws)`` after every
     ``every`` iterations. Pass back the returned ``draws`` to continue the same stream.
 
-    ``compile=True`` (or a dict of ``torch.compile`` options) runs ``chunk`` consecutive
+    ``compile=True`` (or a dict of ``torch.compile`` options) runs up to ``chunk`` consecutive
     iterations per compiled call (:mod:`bilevel.stochastic.fused`: same iterates, tens of times
-    faster on small models; the first call of each graph compiles, seconds to a minute on CPU:
-    :func:`bl.stochastic.precompile` compiles them all before a timed run).
-    Choose ``every`` as a multiple of ``chunk``: a chunk never crosses a callback point."""
+    faster on small models). Default ``chunk``: 256 for the algorithms compiled as one
+    while_loop graph (all but SABA with in-place tables; the graph does not grow with
+    ``chunk``), 16 for unrolled graphs (which do). The first call of each graph compiles
+    (seconds to a minute on CPU: :func:`bl.stochastic.precompile` compiles them all before a
+    timed run). A chunk never crosses a callback point."""
     if not isinstance(inner, Sampler) or not isinstance(outer, Sampler):
         raise BilevelError("run: inner and outer must be bl.stochastic.Sampler objects")
     if not isinstance(every, int) or every < 1:

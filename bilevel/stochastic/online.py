@@ -51,7 +51,7 @@ class Online:
     def __init__(self, alg: StochasticAlgorithm, problem: BilevelProblem, z0: PyTree,
                  x0: PyTree, *, inner: Sampler, outer: Sampler,
                  init_kwargs: dict[str, Any] | None = None, compile: bool | dict = False,
-                 chunk: int = 16) -> None:
+                 chunk: int | None = None) -> None:
         if not isinstance(alg, StochasticAlgorithm):
             raise BilevelError(f"alg must be a bl.stochastic algorithm such as SOBA(0.1, 0.1), "
                                f"got {type(alg).__name__}")

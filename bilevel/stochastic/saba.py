@@ -125,6 +125,13 @@ class SABA(StochasticAlgorithm):
     def batches_per_step(self) -> tuple[int, int]:
         return (1, 1)
 
+    @property
+    def loop_compatible(self) -> bool:
+        """``compile=True`` runs SABA as one while_loop graph only with ``inplace=False``: a
+        loop body may not update its tables in place (in-place SABA compiles unrolled chunks,
+        which update them without copying)."""
+        return not self.inplace
+
     def init(self, z0: PyTree, x0: PyTree, n_inner_blocks: int, n_outer_blocks: int,
              v0: PyTree | None = None, init_memory: str = "zero",
              problem: BilevelProblem | None = None, inner_blocks: list | None = None,
