@@ -179,7 +179,7 @@ def run_torch(bench, alg_name, params, seed, max_time, eval_freq, compile=False)
         _ALGS[key] = bj.torch_algorithm(alg_name, step, ratio, si.n, so.n, 64, **extra)
         _ALGS[key].check = False
     alg = _ALGS[key]
-    run_opts = {"compile": True} if compile else {}  # the library's chunk (loop graphs: 256)
+    run_opts = {"compile": True} if compile else {}  # the library's chunk (loop graphs: 1024)
     init = {"n_inner_blocks": len(si), "n_outer_blocks": len(so)} if alg_name == "saba" else {}
     state = alg.init(bench.z0, bench.x0, **init)
     if compile:  # compile outside the clock: every graph the run can ask for

@@ -262,25 +262,29 @@ def _spy_counts(monkeypatch) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("name", ["SOBA", "SRBA", "AmIGO", "SABA-copy"])
 def test_one_loop_graph_serves_every_count(name, monkeypatch):
-    """A while_loop graph runs up to ``chunk`` iterations per call, padded to one shape: 600
-    iterations are calls of 256, 256, 88 (default chunk) of ONE graph, shortened only by SRBA's
-    eager resets, and give the eager iterates."""
+    """A while_loop graph runs up to ``chunk`` iterations per call, padded to one shape: 250
+    iterations are one call of the default chunk (1024 rows), and with chunk=100 calls of
+    100, 100, 50, of ONE graph each, shortened only by SRBA's eager resets; the eager
+    iterates either way."""
     inner_data, outer_data, z0, x0 = logistic_data(n_in=45, n_out=31)
     si = Sampler(inner_data, 8, seed=3, last="overlap")  # 6 blocks, none short
     so = Sampler(outer_data, 6, seed=4, last="overlap")
     alg = MAKERS[name]()
     assert fused.uses_loop(alg)
-    compiled, opts = _counting()
-    calls = _spy_counts(monkeypatch)
-    out, draws = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 600, compile=opts)
-    assert len(compiled) == 1 and {cap for _, cap in calls} == {fused.LOOP_CHUNK}
-    if name == "SRBA":  # a reset every 5 iterations: 4 iterations per call
-        assert {c for c, _ in calls} == {4}
-    else:
-        assert [c for c, _ in calls] == [256, 256, 88]
-    ref, rdraws = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 600)
-    _same(ref, out)
-    assert draws.oracle_calls == rdraws.oracle_calls and draws.inner == rdraws.inner
+    ref, rdraws = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 250)
+    for chunk, counts in ((None, [250]), (100, [100, 100, 50])):
+        compiled, opts = _counting()
+        calls = _spy_counts(monkeypatch)
+        out, draws = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 250, compile=opts,
+                         chunk=chunk)
+        assert len(compiled) == 1
+        assert {cap for _, cap in calls} == {fused.LOOP_CHUNK if chunk is None else chunk}
+        if name == "SRBA":  # a reset every 5 iterations: 4 iterations per call
+            assert {c for c, _ in calls} == {4}
+        else:
+            assert [c for c, _ in calls] == counts
+        _same(ref, out)
+        assert draws.oracle_calls == rdraws.oracle_calls and draws.inner == rdraws.inner
 
 
 def test_chunk_bounds_the_loop_count(monkeypatch):

@@ -48,6 +48,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..compiled import _describe, compile_fallback, compiler_missing, guarded_compiled_call
@@ -63,7 +64,7 @@ __all__ = ["run_compiled", "compiled_lengths", "chunk_lengths", "precompile", "u
 _GRAPHS: dict = {}  # (alg, problem, length or "loop", batch layout) -> compiled function
 _FAILED: set = set()  # (alg, problem) pairs that fell back to eager
 _NO_LOOP: set = set()  # (alg, problem) pairs whose while_loop trace failed: unrolled chunks
-LOOP_CHUNK = 256  # default iterations per compiled call: loop graphs ...
+LOOP_CHUNK = 1024  # default iterations per compiled call: loop graphs ...
 UNROLLED_CHUNK = 16  # ... and unrolled ones (graph size and compile time grow with it)
 
 
@@ -116,26 +117,34 @@ def _plan(alg, t: int, inner: Sampler, outer: Sampler, draws: Draws, length: int
 
 def _loop_plan(alg, t: int, inner: Sampler, outer: Sampler, draws: Draws, limit: int
                ) -> tuple[list, list, tuple[int, int]] | None:
-    """Block ids and sizes of the longest run of iterations t, t+1, ... (at most ``limit``)
-    that one loop graph can take: full blocks only and no SRBA reset; or, when iteration t
-    itself has a short last block, that one iteration (:func:`_plan`'s rule); else None."""
+    """Block ids (inner, outer: flat, iteration after iteration) and sizes of the longest run
+    of iterations t, t+1, ... (at most ``limit``) that one loop graph can take: full blocks
+    only and no SRBA reset; or, when iteration t itself has a short last block, that one
+    iteration (:func:`_plan`'s rule); else None."""
     first = _plan(alg, t, inner, outer, draws, 1)
-    if first is None or limit == 1 or first[2] != (inner.batch_size, outer.batch_size):
-        return first
+    if first is None:
+        return None
+    if limit == 1 or first[2] != (inner.batch_size, outer.batch_size):
+        return first[0][0], first[1][0], first[2]
     n_in, n_out = alg.batches_per_step
-    ids_in = inner.ids(draws.inner, limit * n_in)
-    ids_out = outer.ids(draws.outer, limit * n_out)
+    count = limit
     needs_full = getattr(alg, "needs_full", None)
-    short_in, short_out = inner.short_block, outer.short_block
-    rows_in, rows_out = [], []
-    for s in range(limit):
-        row_in, row_out = ids_in[s * n_in:(s + 1) * n_in], ids_out[s * n_out:(s + 1) * n_out]
-        if ((needs_full is not None and needs_full(t + s)) or short_in in row_in
-                or short_out in row_out):
-            break
-        rows_in.append(row_in)
-        rows_out.append(row_out)
-    return rows_in, rows_out, first[2]
+    if needs_full is not None:  # stop before the next reset
+        count = next((s for s in range(1, limit) if needs_full(t + s)), limit)
+    ids_in = inner.ids(draws.inner, count * n_in)
+    ids_out = outer.ids(draws.outer, count * n_out)
+    for sampler, ids, n in ((inner, ids_in, n_in), (outer, ids_out, n_out)):
+        if sampler.short_block is not None and sampler.short_block in ids:  # stop before it
+            count = min(count, ids.index(sampler.short_block) // n)
+    return ids_in[:count * n_in], ids_out[:count * n_out], first[2]
+
+
+def _id_tensor(ids: list[int], rows: int, per_row: int, dev: torch.device) -> torch.Tensor:
+    """``ids`` (flat) padded with block 0 to ``rows`` × ``per_row``, as an int64 tensor
+    (through numpy: ~4 µs for 256 ids, against ~30 for ``torch.tensor`` of a list)."""
+    flat = np.zeros(rows * per_row, dtype=np.int64)
+    flat[:len(ids)] = ids
+    return torch.from_numpy(flat).view(rows, per_row).to(dev)
 
 
 def _chunk(chunk: int | None, loop: bool) -> int:
@@ -177,7 +186,7 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
             length = 1
             state = eager_step(state, draws)
         else:
-            length = len(plan[0])
+            length = len(plan[0]) // alg.batches_per_step[0] if loop else len(plan[0])
             out = _compiled_call(alg, problem, state, inner, outer, plan, options, draws, dev,
                                  _chunk(chunk, True) if loop else None)
             if out is None:  # the trace failed: fall back (warned) and redo this iteration
@@ -223,6 +232,9 @@ def precompile(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, in
                 if ki is not None or ko is not None:
                     plans.append(([[ki or 0] * n_in], [[ko or 0] * n_out],
                                   (_size(inner, ki), _size(outer, ko))))
+        if loop:  # loop plans hold their ids flat
+            plans = [([k for row in a for k in row], [k for row in b for k in row], sizes)
+                     for a, b, sizes in plans]
         copy = tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, state)
         for plan in plans:
             if (alg, problem) in _FAILED:
@@ -261,19 +273,19 @@ def _compiled_call(alg, problem, state, inner, outer, plan, options, draws, dev,
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
     ids_in, ids_out, sizes = plan
-    length = len(ids_in)
-    n_in, n_out = len(ids_in[0]), len(ids_out[0])
     layouts = (layout(inner, sizes[0]), layout(outer, sizes[1]))
     t0 = int(state.t)
     tensor_state, kinds = numbers_to_tensors(state)
-    if capacity is not None:
+    if capacity is not None:  # flat ids, iteration after iteration
+        n_in, n_out = alg.batches_per_step
+        length = len(ids_in) // n_in
         leaves, spec = tree_flatten(tensor_state)
         key = (alg, problem, "loop", capacity, sizes, layouts, n_in, n_out, str(spec))
-        pad_in, pad_out = [[0] * n_in] * (capacity - length), [[0] * n_out] * (capacity - length)
-        args = (leaves, inner.data, outer.data, torch.tensor(ids_in + pad_in, device=dev),
-                torch.tensor(ids_out + pad_out, device=dev),
+        args = (leaves, inner.data, outer.data, _id_tensor(ids_in, capacity, n_in, dev),
+                _id_tensor(ids_out, capacity, n_out, dev),
                 torch.tensor(length, dtype=torch.int64, device=dev))
-    else:
+    else:  # one list of ids per iteration
+        length, n_in, n_out = len(ids_in), len(ids_in[0]), len(ids_out[0])
         key = (alg, problem, length, sizes, layouts, n_in, n_out)
         args = (tensor_state, inner.data, outer.data, torch.tensor(ids_in, device=dev),
                 torch.tensor(ids_out, device=dev))

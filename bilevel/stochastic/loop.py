@@ -42,7 +42,7 @@ def run(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, inner: Sa
 
     ``compile=True`` (or a dict of ``torch.compile`` options) runs up to ``chunk`` consecutive
     iterations per compiled call (:mod:`bilevel.stochastic.fused`: same iterates, tens of times
-    faster on small models). Default ``chunk``: 256 for the algorithms compiled as one
+    faster on small models). Default ``chunk``: 1024 for the algorithms compiled as one
     while_loop graph (all but SABA with in-place tables; the graph does not grow with
     ``chunk``), 16 for unrolled graphs (which do). The first call of each graph compiles
     (seconds to a minute on CPU: :func:`bl.stochastic.precompile` compiles them all before a
