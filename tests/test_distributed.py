@@ -27,6 +27,10 @@ import _dist_worker as W  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "_dist_worker.py"
 TOL = 1e-12
+# Sharp-MAML's upper step normalises by the global gradient norm, which amplifies the rounding of
+# the per-rank partial sums (another summation order than one process): 4.4e-12 relative on an
+# Intel Xeon (AVX-512) VM, 2026-12-03; local-norm SAM is > 1e-9 away (tested below)
+TOL_SHARP = 1e-10
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -109,7 +113,8 @@ def test_two_ranks_equal_one_process(two_ranks, algo):
         for rank, res in enumerate(two_ranks):
             got = res[(algo, b)]
             assert got["local"] == len(D.shard(b, rank, 2))  # B = 1: rank 1 holds no task
-            assert max_rel_diff(got["grads"], want_grads) <= TOL, (algo, b, rank)
+            tol = TOL_SHARP if algo == "sharpmaml" else TOL
+            assert max_rel_diff(got["grads"], want_grads) <= tol, (algo, b, rank)
             assert got["metrics"]["tasks"] == b
             for k in ("loss", "accuracy"):
                 assert got["metrics"][k] == pytest.approx(want_metrics[k], rel=TOL, abs=TOL)
@@ -146,7 +151,7 @@ def test_sharp_maml_uses_the_global_gradient_norm(two_ranks):
         for n, g in W.grads_of(model).items():
             local_norm_mean[n] = local_norm_mean.get(n, 0) + g / 2
     assert max_rel_diff(local_norm_mean, want) > 1e-9  # the test can tell them apart
-    assert max_rel_diff(two_ranks[0][("sharpmaml", 4)]["grads"], want) <= TOL
+    assert max_rel_diff(two_ranks[0][("sharpmaml", 4)]["grads"], want) <= TOL_SHARP
 
 
 def test_parameters_identical_after_optimiser_steps(two_ranks):

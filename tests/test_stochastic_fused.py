@@ -327,3 +327,11 @@ def test_saba_loops_only_without_in_place_tables():
     assert not SABA(0.1, 0.1).loop_compatible
     assert SABA(0.1, 0.1, inplace=False).loop_compatible
     assert all(m().loop_compatible for n, m in MAKERS.items() if n not in ("SABA",))
+
+
+def test_default_chunks():
+    """1024 per loop graph; unrolled 16 for one batch a side, 2 for the ~20-batch steps."""
+    assert fused._chunk(None, True, MAKERS["AmIGO"]()) == fused.LOOP_CHUNK == 1024
+    assert fused._chunk(None, False, MAKERS["SABA"]()) == fused.UNROLLED_CHUNK == 16
+    assert all(fused._chunk(None, False, MAKERS[n]()) == 2 for n in ("AmIGO", "StocBiO", "F2SA"))
+    assert fused._chunk(5, False, MAKERS["AmIGO"]()) == 5

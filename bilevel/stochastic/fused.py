@@ -65,7 +65,7 @@ _GRAPHS: dict = {}  # (alg, problem, length or "loop", batch layout) -> compiled
 _FAILED: set = set()  # (alg, problem) pairs that fell back to eager
 _NO_LOOP: set = set()  # (alg, problem) pairs whose while_loop trace failed: unrolled chunks
 LOOP_CHUNK = 1024  # default iterations per compiled call: loop graphs ...
-UNROLLED_CHUNK = 16  # ... and unrolled ones (graph size and compile time grow with it)
+UNROLLED_CHUNK = 16  # ... and unrolled ones of one batch per side (graph and compile time grow)
 
 
 def uses_loop(alg: StochasticAlgorithm, problem: BilevelProblem | None = None) -> bool:
@@ -147,8 +147,16 @@ def _id_tensor(ids: list[int], rows: int, per_row: int, dev: torch.device) -> to
     return torch.from_numpy(flat).view(rows, per_row).to(dev)
 
 
-def _chunk(chunk: int | None, loop: bool) -> int:
-    return (LOOP_CHUNK if loop else UNROLLED_CHUNK) if chunk is None else chunk
+def _chunk(chunk: int | None, loop: bool, alg: StochasticAlgorithm) -> int:
+    """The chunk asked for, or the default: :data:`LOOP_CHUNK` iterations per loop graph;
+    unrolled, :data:`UNROLLED_CHUNK` for one batch per side and step, 2 for the algorithms
+    that draw more (AmIGO, StocBiO, F2SA: ~20 batches per step, so 16 unrolled steps make a
+    graph that takes many minutes to compile)."""
+    if chunk is not None:
+        return chunk
+    if loop:
+        return LOOP_CHUNK
+    return UNROLLED_CHUNK if sum(alg.batches_per_step) <= 2 else 2
 
 
 def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, inner: Sampler,
@@ -175,9 +183,9 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
         if (alg, problem) in _FAILED:
             pass
         elif loop:
-            plan = _loop_plan(alg, t, inner, outer, draws, min(room, _chunk(chunk, True)))
+            plan = _loop_plan(alg, t, inner, outer, draws, min(room, _chunk(chunk, True, alg)))
         else:
-            for length in chunk_lengths(_chunk(chunk, False)):
+            for length in chunk_lengths(_chunk(chunk, False, alg)):
                 if length <= room:
                     plan = _plan(alg, t, inner, outer, draws, length)
                     if plan is not None:
@@ -188,7 +196,7 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
         else:
             length = len(plan[0]) // alg.batches_per_step[0] if loop else len(plan[0])
             out = _compiled_call(alg, problem, state, inner, outer, plan, options, draws, dev,
-                                 _chunk(chunk, True) if loop else None)
+                                 _chunk(chunk, True, alg) if loop else None)
             if out is None:  # the trace failed: fall back (warned) and redo this iteration
                 continue
             state = out
@@ -222,7 +230,7 @@ def precompile(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, in
     before = len(_GRAPHS)
     for _ in range(2):  # a second pass when the loop trace failed (then: unrolled graphs)
         loop = uses_loop(alg, problem)
-        lengths = [1] if loop else chunk_lengths(_chunk(chunk, False))
+        lengths = [1] if loop else chunk_lengths(_chunk(chunk, False, alg))
         plans = [([[0] * n_in] * length, [[0] * n_out] * length,
                   (inner.batch_size, outer.batch_size)) for length in lengths]
         short_in = [inner.short_block] if n_in == 1 and inner.short_block is not None else []
@@ -240,7 +248,7 @@ def precompile(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, in
             if (alg, problem) in _FAILED:
                 return 0
             if _compiled_call(alg, problem, copy, inner, outer, plan, options, Draws(), dev,
-                              _chunk(chunk, True) if loop else None) is None:
+                              _chunk(chunk, True, alg) if loop else None) is None:
                 break
         else:
             break

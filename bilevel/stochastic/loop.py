@@ -44,9 +44,9 @@ def run(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, inner: Sa
     iterations per compiled call (:mod:`bilevel.stochastic.fused`: same iterates, tens of times
     faster on small models). Default ``chunk``: 1024 for the algorithms compiled as one
     while_loop graph (all but SABA with in-place tables; the graph does not grow with
-    ``chunk``), 16 for unrolled graphs (which do). The first call of each graph compiles
-    (seconds to a minute on CPU: :func:`bl.stochastic.precompile` compiles them all before a
-    timed run). A chunk never crosses a callback point."""
+    ``chunk``), 16 for unrolled graphs (which do; 2 for AmIGO, StocBiO and F2SA). The first
+    call of each graph compiles (seconds to a minute on CPU: :func:`bl.stochastic.precompile`
+    compiles them all before a timed run). A chunk never crosses a callback point."""
     if not isinstance(inner, Sampler) or not isinstance(outer, Sampler):
         raise BilevelError("run: inner and outer must be bl.stochastic.Sampler objects")
     if not isinstance(every, int) or every < 1:
