@@ -146,9 +146,14 @@ def multinomial_l2(split, dtype=torch.float64) -> Bench:
 
 # ------------------------------------------------------------------------------------------
 def make_hyper_cleaning_g(reg: float = 0.2):
+    """g(z, x) = mean_i σ(x_i) ℓ_i(z) + reg ‖z‖², ℓ_i the cross-entropy of example i. ℓ_i is
+    −log_softmax(X z)[i, y_i] (a gather), not ``cross_entropy(..., reduction="none")``: torch
+    2.13 cannot trace the double backward of that op inside a compiled ``while_loop`` body
+    (NllLossBackwardBackward "returned an invalid gradient"), which would send every compiled
+    run of this problem to the slower unrolled graphs."""
     def g(z, x, batch):
         X, y, idx = batch
-        losses = cross_entropy(X @ z, y, reduction="none")
+        losses = -torch.log_softmax(X @ z, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
         return (torch.sigmoid(x[idx]) * losses).mean() + reg * (z * z).sum()
     return g
 
