@@ -90,10 +90,10 @@ def chunk_lengths(chunk: int) -> list[int]:
 
 def _plan(alg, t: int, inner: Sampler, outer: Sampler, draws: Draws, length: int
           ) -> tuple[list, list, tuple[int, int]] | None:
-    """Block ids (inner, outer: one list per iteration) of iterations t .. t+length−1 and the
-    block sizes, if every one can go in a chunk (no SRBA reset; full blocks only, except that a
-    single iteration may use a short last block when its batches of each side share one
-    size), else None (``draws`` untouched)."""
+    """Block ids (inner, outer: flat, iteration after iteration) of iterations t .. t+length−1
+    and the block sizes, if every one can go in a chunk (no SRBA reset; full blocks only,
+    except that a single iteration may use a short last block when its batches of each side
+    share one size), else None (``draws`` untouched)."""
     needs_full = getattr(alg, "needs_full", None)
     if needs_full is not None and any(needs_full(s) for s in range(t, t + length)):
         return None
@@ -110,9 +110,7 @@ def _plan(alg, t: int, inner: Sampler, outer: Sampler, draws: Draws, length: int
             sizes.append(sampler.size(short))
         else:  # full and short blocks mixed
             return None
-    return ([ids_in[s * n_in:(s + 1) * n_in] for s in range(length)],
-            [ids_out[s * n_out:(s + 1) * n_out] for s in range(length)],
-            (sizes[0], sizes[1]))
+    return ids_in, ids_out, (sizes[0], sizes[1])
 
 
 def _loop_plan(alg, t: int, inner: Sampler, outer: Sampler, draws: Draws, limit: int
@@ -122,10 +120,8 @@ def _loop_plan(alg, t: int, inner: Sampler, outer: Sampler, draws: Draws, limit:
     only and no SRBA reset; or, when iteration t itself has a short last block, that one
     iteration (:func:`_plan`'s rule); else None."""
     first = _plan(alg, t, inner, outer, draws, 1)
-    if first is None:
-        return None
-    if limit == 1 or first[2] != (inner.batch_size, outer.batch_size):
-        return first[0][0], first[1][0], first[2]
+    if first is None or limit == 1 or first[2] != (inner.batch_size, outer.batch_size):
+        return first
     n_in, n_out = alg.batches_per_step
     count = limit
     needs_full = getattr(alg, "needs_full", None)
@@ -194,7 +190,7 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
             length = 1
             state = eager_step(state, draws)
         else:
-            length = len(plan[0]) // alg.batches_per_step[0] if loop else len(plan[0])
+            length = len(plan[0]) // alg.batches_per_step[0]
             out = _compiled_call(alg, problem, state, inner, outer, plan, options, draws, dev,
                                  _chunk(chunk, True, alg) if loop else None)
             if out is None:  # the trace failed: fall back (warned) and redo this iteration
@@ -231,18 +227,15 @@ def precompile(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, in
     for _ in range(2):  # a second pass when the loop trace failed (then: unrolled graphs)
         loop = uses_loop(alg, problem)
         lengths = [1] if loop else chunk_lengths(_chunk(chunk, False, alg))
-        plans = [([[0] * n_in] * length, [[0] * n_out] * length,
+        plans = [([0] * (n_in * length), [0] * (n_out * length),
                   (inner.batch_size, outer.batch_size)) for length in lengths]
         short_in = [inner.short_block] if n_in == 1 and inner.short_block is not None else []
         short_out = [outer.short_block] if n_out == 1 and outer.short_block is not None else []
         for ki in [None] + short_in:
             for ko in [None] + short_out:
                 if ki is not None or ko is not None:
-                    plans.append(([[ki or 0] * n_in], [[ko or 0] * n_out],
+                    plans.append(([ki or 0] * n_in, [ko or 0] * n_out,
                                   (_size(inner, ki), _size(outer, ko))))
-        if loop:  # loop plans hold their ids flat
-            plans = [([k for row in a for k in row], [k for row in b for k in row], sizes)
-                     for a, b, sizes in plans]
         copy = tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, state)
         for plan in plans:
             if (alg, problem) in _FAILED:
@@ -275,28 +268,27 @@ def _loop_options(options: dict, dev: torch.device) -> dict:
 
 def _compiled_call(alg, problem, state, inner, outer, plan, options, draws, dev,
                    capacity: int | None = None):
-    """Run ``plan`` (block ids per iteration, block sizes) through its graph, compiling it on
-    first use: the loop graph of ``capacity`` rows when ``capacity`` is given, else the
-    unrolled graph of ``len(plan[0])`` iterations. None after a failed trace (warned)."""
+    """Run ``plan`` (flat block ids, block sizes) through its graph, compiling it on first
+    use: the loop graph of ``capacity`` rows when ``capacity`` is given, else the unrolled
+    graph of the plan's iterations. None after a failed trace (warned)."""
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
     ids_in, ids_out, sizes = plan
     layouts = (layout(inner, sizes[0]), layout(outer, sizes[1]))
     t0 = int(state.t)
     tensor_state, kinds = numbers_to_tensors(state)
-    if capacity is not None:  # flat ids, iteration after iteration
-        n_in, n_out = alg.batches_per_step
-        length = len(ids_in) // n_in
+    n_in, n_out = alg.batches_per_step
+    length = len(ids_in) // n_in
+    rows = length if capacity is None else capacity  # the id arrays: (rows, n_in), (rows, n_out)
+    ids = (_id_tensor(ids_in, rows, n_in, dev), _id_tensor(ids_out, rows, n_out, dev))
+    if capacity is not None:
         leaves, spec = tree_flatten(tensor_state)
         key = (alg, problem, "loop", capacity, sizes, layouts, n_in, n_out, str(spec))
-        args = (leaves, inner.data, outer.data, _id_tensor(ids_in, capacity, n_in, dev),
-                _id_tensor(ids_out, capacity, n_out, dev),
+        args = (leaves, inner.data, outer.data, *ids,
                 torch.tensor(length, dtype=torch.int64, device=dev))
-    else:  # one list of ids per iteration
-        length, n_in, n_out = len(ids_in), len(ids_in[0]), len(ids_out[0])
+    else:
         key = (alg, problem, length, sizes, layouts, n_in, n_out)
-        args = (tensor_state, inner.data, outer.data, torch.tensor(ids_in, device=dev),
-                torch.tensor(ids_out, device=dev))
+        args = (tensor_state, inner.data, outer.data, *ids)
     fn = _GRAPHS.get(key)
     compiling = contextlib.nullcontext()
     if fn is None:
