@@ -250,9 +250,11 @@ def run_jax(bench, alg_name, params, seed, max_time, eval_freq):
 # aggregation, table, plots
 # ------------------------------------------------------------------------------------------
 def _curve(recs, grid, axis):
-    """Last metric seen at each grid point (step interpolation); nan before the first."""
+    """Last metric seen at each grid point (step interpolation); nan before the first, +inf
+    from a divergence (a NaN record) on."""
     xs = np.array([r[axis] for r in recs], float)
     ys = np.array([r[2] for r in recs], float)
+    ys[np.isnan(ys)] = np.inf
     idx = np.searchsorted(xs, grid, side="right") - 1
     out = np.where(idx >= 0, ys[np.clip(idx, 0, None)], np.nan)
     return out
@@ -263,8 +265,12 @@ def band(runs, axis, grid):
                               [(a, b * 0 + a * r["calls_per_it"], c) for a, b, c in r["records"]],
                               grid, 1) for r in runs])
     with np.errstate(all="ignore"):
-        return (np.nanmedian(curves, 0), np.nanquantile(curves, 0.2, 0),
-                np.nanquantile(curves, 0.8, 0))
+        med, lo, hi = (np.nanmedian(curves, 0), np.nanquantile(curves, 0.2, 0),
+                       np.nanquantile(curves, 0.8, 0))
+    # a quantile between two diverged runs interpolates inf − inf: it is +inf
+    diverged = np.isinf(curves).any(0)
+    return med, np.where(np.isnan(lo) & diverged, np.inf, lo), \
+        np.where(np.isnan(hi) & diverged, np.inf, hi)
 
 
 def summarise(results: list[dict]) -> dict:
@@ -273,10 +279,14 @@ def summarise(results: list[dict]) -> dict:
         groups.setdefault((r["problem"], r["alg"], r["impl"]), []).append(r)
     summary = {}
     for (prob, alg, impl), runs in groups.items():
+        # a diverged run (its last record NaN) counts as +inf: it reached nothing, and a
+        # median over the finite runs alone would hide it
         finals = [r["records"][-1][2] for r in runs]
         us = [1e6 * r["records"][-1][1] / max(r["records"][-1][0], 1) for r in runs]
-        summary[(prob, alg, impl)] = {"final": float(np.nanmedian(finals)),
-                                      "us_per_it": float(np.median(us)), "runs": runs}
+        diverged = sum(not math.isfinite(f) for f in finals)
+        summary[(prob, alg, impl)] = {
+            "final": float(np.median([f if math.isfinite(f) else math.inf for f in finals])),
+            "diverged": diverged, "us_per_it": float(np.median(us)), "runs": runs}
     for prob in {k[0] for k in summary}:
         finals = [v["final"] for k, v in summary.items() if k[0] == prob
                   and math.isfinite(v["final"])]
@@ -319,15 +329,18 @@ def write_table(summary, meta, path: Path) -> str:
         any_v = next(iter(rows.values()))
         lines += [f"## {prob} — {meta['data'][prob]}; metric {meta['metric'][prob]}; target "
                   f"{any_v['target']:.4g} (median of the final medians)", "",
-                  "| algorithm | impl | µs / iteration | final (median) | time to target (s) "
-                  "| this ÷ JAX, per iteration |", "|---|---|---|---|---|---|"]
+                  "| algorithm | impl | µs / iteration | final (median) | diverged "
+                  "| time to target (s) | this ÷ JAX, per iteration |",
+                  "|---|---|---|---|---|---|---|"]
         for (p, alg, impl), v in sorted(rows.items(), key=lambda kv: (ALGS.index(kv[0][1]),
                                                                       kv[0][2])):
             jax_v = rows.get((p, alg, "jax"))
             ratio = (f"{ratio_text(v['us_per_it'] / jax_v['us_per_it'])}×"
                      if jax_v and impl != "jax" else "")
             ttt = v["time_to_target"]
-            lines.append(f"| {NAMES[alg]} | {impl} | {v['us_per_it']:.1f} | {v['final']:.4g} | "
+            final = f"{v['final']:.4g}" if math.isfinite(v["final"]) else "diverged"
+            lines.append(f"| {NAMES[alg]} | {impl} | {v['us_per_it']:.1f} | {final} | "
+                         f"{v['diverged']} / {len(v['runs'])} | "
                          f"{'—' if not math.isfinite(ttt) else f'{ttt:.3g}'} | {ratio} |")
         fin = {k: v for k, v in rows.items() if math.isfinite(v["time_to_target"])}
         if fin:
@@ -461,7 +474,8 @@ def main(argv=None) -> None:
                         print(f"[suite] {prob:15s} {NAMES[alg]:8s} {impl:13s} seed {seed} "
                               f"{params[:2]} its {recs[-1][0]:>9d} final {recs[-1][2]:.4g} "
                               f"({time.perf_counter() - t0:.1f} s wall)", flush=True)
-                    med = float(np.nanmedian([r["records"][-1][2] for r in runs]))
+                    med = float(np.median([f if math.isfinite(f) else math.inf
+                                           for f in (r["records"][-1][2] for r in runs)]))
                     if best is None or (math.isfinite(med) and not med >= best[0]):
                         best = (med, runs)
                 results.extend(best[1])

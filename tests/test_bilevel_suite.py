@@ -35,6 +35,29 @@ def test_summary_table_and_band(tmp_path):
     assert not math.isnan(v_t["target"])
 
 
+def test_diverged_runs_count_as_infinite(tmp_path):
+    """A run that ends in NaN is counted, ranks as +inf in the final median and in the band
+    from its divergence on, and is never silently dropped."""
+    runs = [_run("srba", "torch", s, 0.2) for s in (1, 2, 3)]
+    for r in runs[1:]:  # seeds 2, 3 diverge after 500 iterations (1.0 s)
+        r["records"] = r["records"][:6] + [(600, 1.2, float("nan"))]
+    v = bs.summarise(runs)[("p", "srba", "torch")]
+    assert v["diverged"] == 2 and v["final"] == math.inf
+    med, lo, hi = bs.band(runs, 1, np.array([0.5, 1.1, 1.3, 3.0]))
+    assert np.isfinite(med[:2]).all() and (med[2:] == np.inf).all()
+    assert (hi[2:] == np.inf).all() and not np.isnan(np.r_[lo, hi]).any()
+    five = runs + [_run("srba", "torch", s, 0.2) for s in (4, 5)]  # 2 of 5 diverged
+    med, lo, hi = bs.band(five, 1, np.array([1.3, 3.0]))
+    assert med == pytest.approx([1 / 7, 1 / 11]) and lo == pytest.approx([1 / 7, 1 / 11])
+    assert (hi == np.inf).all()
+    assert bs.summarise(five)[("p", "srba", "torch")]["final"] == pytest.approx(1 / 11)
+    meta = {"date": "d", "device": "cpu", "torch": "t", "jax": "j", "benchmark_commit": "c",
+            "seeds": 3, "max_time": 2, "command": "cmd", "data": {"p": "synthetic"},
+            "metric": {"p": "subopt"}}
+    text = bs.write_table(bs.summarise(runs), meta, tmp_path / "t.md")
+    assert "| SRBA | torch | 2000.0 | diverged | 2 / 3 |" in text
+
+
 @pytest.mark.parametrize("r, text", [(2.0, "2.0"), (0.36, "0.36"), (0.0357, "0.036"),
                                      (3.64, "3.6"), (28.4, "28"), (153.0, "153")])
 def test_ratio_text_two_significant_digits(r, text):
