@@ -92,13 +92,13 @@ def test_overlap_sampler_runs_every_iteration_in_a_chunk(name, monkeypatch):
     eager_at = []
     real = fused.run_compiled
 
-    def spy(*args):
-        *rest, eager_step = args
+    def spy(*args):  # run_compiled(..., options, eager_step, unroll)
+        *rest, eager_step, unroll = args
 
         def counted(state, draws):
             eager_at.append(state.t)
             return eager_step(state, draws)
-        return real(*rest, counted)
+        return real(*rest, counted, unroll)
 
     monkeypatch.setattr(fused, "run_compiled", spy)
     inner_data, outer_data, z0, x0 = logistic_data()  # 44 rows / 8: overlap last block
@@ -335,3 +335,48 @@ def test_default_chunks():
     assert fused._chunk(None, False, MAKERS["SABA"]()) == fused.UNROLLED_CHUNK == 16
     assert all(fused._chunk(None, False, MAKERS[n]()) == 2 for n in ("AmIGO", "StocBiO", "F2SA"))
     assert fused._chunk(5, False, MAKERS["AmIGO"]()) == 5
+
+
+@pytest.mark.parametrize("name, unroll", [("SOBA", 3), ("SRBA", 3), ("SABA-copy", 2),
+                                          ("AmIGO", 2), ("SOBA", 1)])
+def test_unrolled_trips_equal_eager(name, unroll, monkeypatch):
+    """``unroll`` = U iterations per while_loop trip, then one per trip for the count mod U:
+    chunk 7 gives counts 7 (2 trips of 3 + 1) and a last 250 mod 7 = 5 (1 + 2); chunk 2 < U
+    only the remainder loop. Two while_loops in the graph when U > 1, one when U = 1; the
+    eager iterates either way."""
+    inner_data, outer_data, z0, x0 = logistic_data(n_in=45, n_out=31)
+    si = Sampler(inner_data, 8, seed=3, last="overlap")
+    so = Sampler(outer_data, 6, seed=4, last="overlap")
+    alg = MAKERS[name]()
+    ref, rdraws = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 250)
+    for chunk in (7, 2):
+        loops: list[int] = []
+
+        def backend(gm, example_inputs, loops=loops):
+            loops.append(sum(n.target is torch.ops.higher_order.while_loop
+                             for n in gm.graph.nodes))
+            return gm.forward
+        calls = _spy_counts(monkeypatch)
+        out, draws = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 250,
+                         compile={"backend": backend}, chunk=chunk, unroll=unroll)
+        assert loops == [2 if unroll > 1 else 1]
+        resets = sum(alg.needs_full(t) for t in range(250)) if name == "SRBA" else 0
+        assert sum(c for c, _ in calls) == 250 - resets  # SRBA's resets run eagerly
+        _same(ref, out)
+        assert draws.oracle_calls == rdraws.oracle_calls and draws.inner == rdraws.inner
+
+
+def test_default_unroll_and_bad_unroll():
+    assert all(fused.default_unroll(MAKERS[n]()) == fused.LOOP_UNROLL == 4
+               for n in ("SOBA", "SRBA", "SABA-copy"))
+    assert all(fused.default_unroll(MAKERS[n]()) == 1 for n in ("AmIGO", "StocBiO", "F2SA"))
+    inner_data, outer_data, z0, x0 = logistic_data()
+    si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 6, seed=4)
+    alg = SOBA(0.3, 0.2)
+    for bad in (0, 2.0, True):
+        with pytest.raises(bl.BilevelError, match="unroll must be a positive int"):
+            run(alg, PROBLEM, alg.init(z0, x0), si, so, 4, compile=AOT, unroll=bad)
+    with pytest.raises(bl.BilevelError, match="needs compile=True"):
+        run(alg, PROBLEM, alg.init(z0, x0), si, so, 4, unroll=2)
+    with pytest.raises(bl.BilevelError, match="needs compile=True"):
+        bl.stochastic.Online(alg, PROBLEM, z0, x0, inner=si, outer=so, unroll=2)

@@ -1,6 +1,7 @@
 """The two graph forms of :mod:`bilevel.stochastic.fused`, as plain functions to compile.
 
-``make_loop``: one ``while_loop`` whose body is one iteration, run ``count`` ≤ C times;
+``make_loop``: a ``while_loop`` whose body is U iterations (then one for the count mod U
+left), run to ``count`` ≤ C iterations;
 ``make_chunk``: the step traced L times in a row. Both gather the minibatches inside the
 graph: block k of a sampler is rows min(k·b, clamp) + 0..b−1 (``layout``), weighing
 b/n (or the overlap last block's (n mod b)/n).
@@ -114,10 +115,13 @@ def _unaliased(outs: list, ins: tuple) -> list:
 
 
 def make_loop(alg: StochasticAlgorithm, problem: BilevelProblem, spec: Any,
-               sizes: tuple[int, int], layouts: tuple[tuple, tuple]) -> Callable:
+               sizes: tuple[int, int], layouts: tuple[tuple, tuple], unroll: int = 1
+               ) -> Callable:
     """``fn(leaves, inner_data, outer_data, inner_ids (C, n_in), outer_ids (C, n_out), count)``:
-    ``count`` (0-d int64, ≤ C) iterations in one while_loop, iteration i on the blocks of row
-    i; ``leaves`` are the state's tensors (``spec`` its structure)."""
+    ``count`` (0-d int64, ≤ C) iterations, iteration i on the blocks of row i; ``leaves`` are
+    the state's tensors (``spec`` its structure). ``unroll`` = U > 1: a first while_loop takes U
+    iterations per trip (i ← i + U while i + U ≤ count; the compiler reuses buffers and fuses
+    across the U steps), a second the count mod U left, one per trip."""
     from torch._higher_order_ops.while_loop import while_loop
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -125,10 +129,7 @@ def make_loop(alg: StochasticAlgorithm, problem: BilevelProblem, spec: Any,
     n_in, n_out = alg.batches_per_step
 
     def loop(leaves, inner_data, outer_data, inner_ids, outer_ids, count):
-        def cond(i, *ls):
-            return i < count
-
-        def body(i, *ls):
+        def step(i, ls):  # iteration i, on the blocks of row i
             row_in = inner_ids.index_select(0, i.reshape(1)).reshape(n_in)
             row_out = outer_ids.index_select(0, i.reshape(1)).reshape(n_out)
             ib = [Minibatch(_gather(inner_data, k, lay_in, b_in), k, _weight(k, lay_in))
@@ -136,10 +137,23 @@ def make_loop(alg: StochasticAlgorithm, problem: BilevelProblem, spec: Any,
             ob = [Minibatch(_gather(outer_data, k, lay_out, b_out), k, _weight(k, lay_out))
                   for k in row_out.unbind(0)]
             state, _ = alg.step(tree_unflatten(list(ls), spec), problem, ib, ob)
-            return (i + 1, *_unaliased(tree_flatten(state)[0], ls))
+            return tree_flatten(state)[0]
 
-        start = torch.zeros((), dtype=torch.int64, device=inner_ids.device)
-        return while_loop(cond, body, (start, *leaves))[1:]
+        def trips(per_trip: int):  # (cond, body) of a loop taking per_trip iterations a trip
+            def cond(i, *ls):
+                return i + per_trip <= count
+
+            def body(i, *ls):
+                out = list(ls)
+                for u in range(per_trip):
+                    out = step(i + u, out)
+                return (i + per_trip, *_unaliased(out, ls))
+            return cond, body
+
+        carry = (torch.zeros((), dtype=torch.int64, device=inner_ids.device), *leaves)
+        if unroll > 1:
+            carry = while_loop(*trips(unroll), carry)
+        return while_loop(*trips(1), carry)[1:]
 
     loop.__code__ = loop.__code__.replace(co_name=f"{alg.name}_loop")
     return loop

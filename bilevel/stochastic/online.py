@@ -43,15 +43,15 @@ class Online:
 
     ``init_kwargs`` go to ``alg.init`` (e.g. ``v0``, SABA's ``init_memory``); SABA's
     ``n_inner_blocks`` / ``n_outer_blocks`` are filled in from the samplers. ``compile=True``
-    (or ``torch.compile`` options) runs ``chunk`` iterations per compiled call, as
-    :func:`bilevel.stochastic.run` does (same iterates; ``step`` then returns only ``t`` and
-    ``oracle_calls_total``).
+    (or ``torch.compile`` options) runs ``chunk`` iterations per compiled call (``unroll``
+    per while_loop trip), as :func:`bilevel.stochastic.run` does (same iterates; ``step``
+    then returns only ``t`` and ``oracle_calls_total``).
     """
 
     def __init__(self, alg: StochasticAlgorithm, problem: BilevelProblem, z0: PyTree,
                  x0: PyTree, *, inner: Sampler, outer: Sampler,
                  init_kwargs: dict[str, Any] | None = None, compile: bool | dict = False,
-                 chunk: int | None = None) -> None:
+                 chunk: int | None = None, unroll: int | None = None) -> None:
         if not isinstance(alg, StochasticAlgorithm):
             raise BilevelError(f"alg must be a bl.stochastic algorithm such as SOBA(0.1, 0.1), "
                                f"got {type(alg).__name__}")
@@ -71,7 +71,10 @@ class Online:
             kw.setdefault("inner_blocks", [inner.block(k) for k in range(len(inner))])
             kw.setdefault("outer_blocks", [outer.block(k) for k in range(len(outer))])
         self.alg, self.problem, self.inner, self.outer = alg, problem, inner, outer
-        self.compile, self.chunk = compile, chunk
+        if unroll is not None and not compile:
+            raise BilevelError("unroll (iterations per compiled while_loop trip) needs "
+                               "compile=True")
+        self.compile, self.chunk, self.unroll = compile, chunk, unroll
         self.state = alg.init(z0, x0, **kw)
         self.draws = Draws()
 
@@ -102,7 +105,7 @@ class Online:
         if self.compile:  # compiled chunks (bl.stochastic.run(compile=...)): no per-step info
             self.state, _ = run(self.alg, self.problem, self.state, self.inner, self.outer,
                                 n_iter, draws=self.draws, compile=self.compile,
-                                chunk=self.chunk)
+                                chunk=self.chunk, unroll=self.unroll)
             return {"t": self.t, "oracle_calls_total": self.draws.oracle_calls}
         for _ in range(n_iter):
             ib, ob = next_batches(self.alg, self.state.t, self.inner, self.outer, self.draws)
