@@ -236,11 +236,10 @@ def precompile(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, in
     """Compile, before a timed or long run, every graph ``run(alg, problem, state, inner, outer,
     n, compile=compile, chunk=chunk, unroll=unroll)`` can ask for: the loop graph (or,
     unrolled, each chunk length) with full blocks, and the one-iteration graphs of the short
-    last blocks (inner,
-    outer, both). Runs them once on a copy of ``state`` (``state`` and the samplers are
-    untouched), then collects the compiler's garbage (a full GC pass of ~0.5 s that would
-    otherwise land in the run). Returns the number of graphs compiled now (0 when all were there
-    already, or after a fallback to eager, which warns)."""
+    last blocks (inner, outer, both). Runs them once on a copy of ``state`` (``state`` and the
+    samplers are untouched), then collects the compiler's garbage (a full GC pass of ~0.5 s
+    that would otherwise land in the run). Returns the number of graphs compiled now (0 when
+    all were there already, or after a fallback to eager, which warns)."""
     _check_chunk("precompile", chunk, unroll)
     unroll = default_unroll(alg) if unroll is None else unroll
     options = {} if compile is True else dict(compile)
