@@ -186,8 +186,8 @@ def test_recompiles_bounded():
     assert 1 <= len(compiled) <= 4, compiled
 
 
-@pytest.mark.parametrize("name", ["SOBA", "SABA", "StocBiO"])
-def test_precompile_leaves_nothing_to_compile_in_the_run(name):
+@pytest.mark.parametrize("name", ["SOBA", "SABA", "SABA-large", "StocBiO"])
+def test_precompile_leaves_nothing_to_compile_in_the_run(name, monkeypatch):
     """precompile compiles every graph a run can ask for (each chunk length, the short inner
     and outer last blocks), leaves state and samplers untouched, and the run then compiles
     nothing; its iterates are still the eager ones."""
@@ -199,15 +199,19 @@ def test_precompile_leaves_nothing_to_compile_in_the_run(name):
 
     inner_data, outer_data, z0, x0 = logistic_data()
     si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 7, seed=4)  # short blocks 4, 2
-    alg = MAKERS[name]()
+    if name == "SABA-large":  # tables over the loop limit: unrolled chunks
+        import bilevel.stochastic.saba as saba_mod
+        monkeypatch.setattr(saba_mod, "LOOP_TABLE_BYTES", 0)
+    alg = MAKERS[name.removesuffix("-large")]()
     state = _init(alg, z0, x0, si, so)
     before = {f: getattr(state, f).clone() for f in ("z", "v", "x") if f in state._fields}
     opts = {"backend": counting_backend}
     n = bl.stochastic.precompile(alg, PROBLEM, state, si, so, chunk=4, compile=opts)
-    # SOBA, StocBiO: one while_loop graph; SABA (in-place tables): unrolled lengths 4, 2, 1;
-    # + short inner / outer / both blocks (StocBiO: several inner batches a step, so a short
-    # inner block always runs eagerly: short outer only)
-    expected = {"SOBA": 4, "SABA": 6, "StocBiO": 2}[name]
+    # SOBA, StocBiO, SABA (small tables: its copying twin): one while_loop graph; SABA with
+    # large in-place tables: unrolled lengths 4, 2, 1; + short inner / outer / both blocks
+    # (StocBiO: several inner batches a step, so a short inner block always runs eagerly:
+    # short outer only)
+    expected = {"SOBA": 4, "SABA": 4, "SABA-large": 6, "StocBiO": 2}[name]
     assert n == len(compiled) == expected, (n, compiled)
     assert all(torch.equal(getattr(state, f), before[f]) for f in before)
     assert bl.stochastic.precompile(alg, PROBLEM, state, si, so, chunk=4, compile=opts) == 0
@@ -323,10 +327,53 @@ def test_a_failed_loop_trace_falls_back_to_unrolled_chunks_with_one_warning():
     _same(ref, out)
 
 
-def test_saba_loops_only_without_in_place_tables():
+def test_saba_loop_form():
+    """SABA's own step is a loop body only with copied tables; in-place SABA loops through
+    its copying twin (one per object) while the tables hold at most LOOP_TABLE_BYTES, else
+    compiles unrolled chunks."""
     assert not SABA(0.1, 0.1).loop_compatible
     assert SABA(0.1, 0.1, inplace=False).loop_compatible
     assert all(m().loop_compatible for n, m in MAKERS.items() if n not in ("SABA",))
+    inner_data, outer_data, z0, x0 = logistic_data()
+    si, so = Sampler(inner_data, 8, seed=3), Sampler(outer_data, 6, seed=4)
+    alg = SABA(0.2, 0.1)
+    state = _init(alg, z0, x0, si, so)
+    twin = alg.loop_form(state)
+    assert twin is not alg and not twin.inplace and alg.inplace and twin is alg.loop_form(state)
+    assert (twin.inner_step, twin.outer_step, twin.check) == (alg.inner_step, alg.outer_step,
+                                                              alg.check)
+    assert fused.loop_alg(alg, PROBLEM, state) is twin
+    copying = SABA(0.2, 0.1, inplace=False)
+    assert copying.loop_form(state) is copying
+    import bilevel.stochastic.saba as saba_mod
+    old = saba_mod.LOOP_TABLE_BYTES
+    try:
+        saba_mod.LOOP_TABLE_BYTES = 0
+        assert alg.loop_form(state) is None and fused.loop_alg(alg, PROBLEM, state) is None
+        assert copying.loop_form(state) is copying
+    finally:
+        saba_mod.LOOP_TABLE_BYTES = old
+
+
+@pytest.fixture
+def large_tables(monkeypatch):
+    """In-place SABA as with tables over the loop limit: unrolled chunks."""
+    import bilevel.stochastic.saba as saba_mod
+    monkeypatch.setattr(saba_mod, "LOOP_TABLE_BYTES", 0)
+
+
+def test_in_place_saba_with_large_tables_compiles_unrolled_chunks(large_tables, monkeypatch):
+    inner_data, outer_data, z0, x0 = logistic_data(n_in=45, n_out=31)
+    si = Sampler(inner_data, 8, seed=3, last="overlap")
+    so = Sampler(outer_data, 6, seed=4, last="overlap")
+    alg = SABA(0.2, 0.1)
+    calls = _spy_counts(monkeypatch)
+    ref, _ = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 40)
+    out, _ = run(alg, PROBLEM, _init(alg, z0, x0, si, so), si, so, 40, compile=AOT, chunk=4)
+    assert not calls and fused.compiled_lengths(alg, PROBLEM) == {4}
+    _same(ref, out)
+    for k in ref.memory:
+        _same_tree(ref.memory[k], out.memory[k], 1e-12)
 
 
 def test_default_chunks():

@@ -377,6 +377,11 @@ class StochasticAlgorithm:
     # state functional: no in-place update of a tensor it was given)
     loop_compatible: bool = True
 
+    def loop_form(self, state: Any) -> StochasticAlgorithm | None:
+        """The algorithm whose ``step`` a compiled while_loop body runs from ``state`` (same
+        iterates as ``self``), or None: compiled runs then use unrolled chunks."""
+        return self if self.loop_compatible else None
+
     @property
     def batches_per_step(self) -> tuple[int, int]:  # pragma: no cover - overridden
         raise NotImplementedError

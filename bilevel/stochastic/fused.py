@@ -17,8 +17,9 @@ the graph from block numbers, in one of two forms:
   inductor's C++ wrapper (``cpp_wrapper``, on by default here) runs the loop without returning
   to Python between iterations. U steps per trip let the compiler reuse buffers and fuse
   across steps (fewer allocations per iteration); default :func:`default_unroll`.
-- UNROLLED (SABA with in-place SAGA tables, which a while_loop body may not update, or an
-  algorithm whose loop trace failed: one warning): the step traced L times in a row,
+- UNROLLED (SABA with in-place SAGA tables of more than 1 MiB, which a while_loop body may
+  not update: smaller tables loop with copied tables, ``SABA.loop_form``; or an algorithm
+  whose loop trace failed: one warning): the step traced L times in a row,
 
       state_{t+L} = step^L(state_t ; blocks b_t, ..., b_{t+L−1}),
 
@@ -61,6 +62,7 @@ from .fused_graphs import layout, make_chunk, make_loop, numbers_to_tensors, ten
 from .loop import Draws
 
 __all__ = ["run_compiled", "compiled_lengths", "chunk_lengths", "precompile", "uses_loop",
+           "loop_alg",
            "default_unroll", "LOOP_CHUNK", "UNROLLED_CHUNK", "LOOP_UNROLL"]
 
 _GRAPHS: dict = {}  # (alg, problem, length or "loop", batch layout) -> compiled function
@@ -75,6 +77,18 @@ def uses_loop(alg: StochasticAlgorithm, problem: BilevelProblem | None = None) -
     """Whether ``run(alg, problem, ..., compile=...)`` runs its chunks as one while_loop graph
     (``alg.loop_compatible``, and no earlier loop trace of (alg, problem) failed)."""
     return bool(getattr(alg, "loop_compatible", True)) and (alg, problem) not in _NO_LOOP
+
+
+def loop_alg(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any
+             ) -> StochasticAlgorithm | None:
+    """The algorithm whose step the while_loop graph runs from ``state``
+    (``alg.loop_form(state)``: ``alg`` itself, or in-place SABA's copying twin while its tables
+    are small), or None: unrolled chunks (also once a loop trace of (alg, problem) failed)."""
+    if (alg, problem) in _NO_LOOP:
+        return None
+    form = alg.loop_form(state) if hasattr(alg, "loop_form") else (
+        alg if getattr(alg, "loop_compatible", True) else None)
+    return None if form is None or (form, problem) in _NO_LOOP else form
 
 
 def default_unroll(alg: StochasticAlgorithm) -> int:
@@ -189,7 +203,8 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
         t = int(state.t)
         until_callback = (every - t % every) if callback is not None else n_steps - done
         room = min(n_steps - done, until_callback)
-        plan, loop = None, uses_loop(alg, problem)
+        form = loop_alg(alg, problem, state)
+        plan, loop = None, form is not None
         if (alg, problem) in _FAILED:
             pass
         elif loop:
@@ -205,8 +220,9 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
             state = eager_step(state, draws)
         else:
             length = len(plan[0]) // alg.batches_per_step[0]
-            out = _compiled_call(alg, problem, state, inner, outer, plan, options, draws, dev,
-                                 _chunk(chunk, True, alg) if loop else None, unroll)
+            out = _compiled_call(form if loop else alg, problem, state, inner, outer, plan,
+                                 options, draws, dev, _chunk(chunk, True, alg) if loop else None,
+                                 unroll)
             if out is None:  # the trace failed: fall back (warned) and redo this iteration
                 continue
             state = out
@@ -247,7 +263,8 @@ def precompile(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, in
     n_in, n_out = alg.batches_per_step
     before = len(_GRAPHS)
     for _ in range(2):  # a second pass when the loop trace failed (then: unrolled graphs)
-        loop = uses_loop(alg, problem)
+        form = loop_alg(alg, problem, state)
+        loop = form is not None
         lengths = [1] if loop else chunk_lengths(_chunk(chunk, False, alg))
         plans = [([0] * (n_in * length), [0] * (n_out * length),
                   (inner.batch_size, outer.batch_size)) for length in lengths]
@@ -262,8 +279,9 @@ def precompile(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, in
         for plan in plans:
             if (alg, problem) in _FAILED:
                 return 0
-            if _compiled_call(alg, problem, copy, inner, outer, plan, options, Draws(), dev,
-                              _chunk(chunk, True, alg) if loop else None, unroll) is None:
+            if _compiled_call(form if loop else alg, problem, copy, inner, outer, plan,
+                              options, Draws(), dev, _chunk(chunk, True, alg) if loop else None,
+                              unroll) is None:
                 break
         else:
             break
@@ -306,6 +324,7 @@ def _compiled_call(alg, problem, state, inner, outer, plan, options, draws, dev,
     ids = (_id_tensor(ids_in, rows, n_in, dev), _id_tensor(ids_out, rows, n_out, dev))
     if capacity is not None:
         leaves, spec = tree_flatten(tensor_state)
+        unroll = min(unroll, capacity)  # a trip never holds more than a call's iterations
         if sizes != (inner.batch_size, outer.batch_size):
             unroll = 1  # a short block's graph only ever runs one iteration: nothing to unroll
         key = (alg, problem, "loop", capacity, unroll, sizes, layouts, n_in, n_out, str(spec))

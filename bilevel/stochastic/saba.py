@@ -18,12 +18,13 @@ dim x). With ``inplace=True`` (default) the tables of the state passed in are up
 
 from __future__ import annotations
 
+import copy
 from typing import Any, NamedTuple
 
 import torch
 
 from ..problem import BilevelError, BilevelProblem
-from ..pytree import PyTree, tree_map
+from ..pytree import PyTree, tree_leaves, tree_map
 from ._common import (
     Minibatch,
     StepSize,
@@ -40,6 +41,9 @@ from ._common import (
     single_loop_oracles,
     zeros_like,
 )
+
+# in-place SABA compiles as a while_loop (with copied tables) up to this much table memory
+LOOP_TABLE_BYTES = 1 << 20
 
 _TERMS = ("grad_inner", "hvp", "cross", "grad_outer_z", "grad_outer_x")
 
@@ -127,10 +131,30 @@ class SABA(StochasticAlgorithm):
 
     @property
     def loop_compatible(self) -> bool:
-        """``compile=True`` runs SABA as one while_loop graph only with ``inplace=False``: a
-        loop body may not update its tables in place (in-place SABA compiles unrolled chunks,
-        which update them without copying)."""
+        """Whether SABA's own step can be a while_loop body: only with ``inplace=False`` (a
+        loop body may not update its tables in place). See :meth:`loop_form`."""
         return not self.inplace
+
+    def loop_form(self, state: SABAState) -> SABA | None:
+        """The step a compiled while_loop body runs: copied tables. For in-place SABA, when
+        the SAGA tables hold at most :data:`LOOP_TABLE_BYTES`, its twin with ``inplace=False``
+        (the same iterates; each step then copies the tables, cheaper than the unrolled
+        chunks' per-call work while they are small); larger tables: None, unrolled chunks
+        that update them in place. Measured (2026-12-03, float32, 1 thread), µs per
+        iteration, in-place unrolled / copied in the loop: digits hyper-cleaning (0.19 MB)
+        66 / 31, quadratic (0.44 MB) 35 / 19, covtype-sized (20 MB) 72 / > 2,000."""
+        if not self.inplace:
+            return self
+        size = sum(leaf.numel() * leaf.element_size() for leaf in tree_leaves(state.memory)
+                   if isinstance(leaf, torch.Tensor))
+        if size > LOOP_TABLE_BYTES:
+            return None
+        twin = self.__dict__.get("_copying")
+        if twin is None:  # one twin per algorithm object: its compiled graphs are reused
+            twin = copy.copy(self)
+            twin.inplace = False
+            self._copying = twin
+        return twin
 
     def init(self, z0: PyTree, x0: PyTree, n_inner_blocks: int, n_outer_blocks: int,
              v0: PyTree | None = None, init_memory: str = "zero",
