@@ -141,8 +141,11 @@ class SABA(StochasticAlgorithm):
         (the same iterates; each step then copies the tables, cheaper than the unrolled
         chunks' per-call work while they are small); larger tables: None, unrolled chunks
         that update them in place. Measured (2026-12-03, float32, 1 thread), µs per
-        iteration, in-place unrolled / copied in the loop: digits hyper-cleaning (0.19 MB)
-        66 / 31, quadratic (0.44 MB) 35 / 19, covtype-sized (20 MB) 72 / > 2,000."""
+        iteration, in-place unrolled (the suite) / copied in the loop at U = 4
+        (``benchmarks/results/loop_unroll/saba_copied_tables.md``): digits hyper-cleaning
+        (0.19 MB) 66 / 31, quadratic (0.44 MB) 35 / 19; covtype-sized (20 MB): in place 72,
+        while copying 20 MB a step costs milliseconds (benchopt's JAX SABA, which copies:
+        2,869)."""
         if not self.inplace:
             return self
         size = sum(leaf.numel() * leaf.element_size() for leaf in tree_leaves(state.memory)
