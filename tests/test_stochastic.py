@@ -300,6 +300,20 @@ def test_sampler_ids_slice_the_stream(shuffle):
     assert s.short_block == 5 and Sampler(data[:20], 4).short_block is None
 
 
+def test_sampler_draws_each_epoch_order_once_across_a_look_ahead(monkeypatch):
+    """A compiled call's plan reads thousands of draws ahead, twice (first the next
+    iteration, then the whole call): with 3 blocks an epoch, 600 draws span 200 epochs, and
+    each epoch's permutation is drawn once, not again at the second read."""
+    s = Sampler(torch.arange(9.0), 3, seed=5)
+    drawn = []
+    real = Sampler.order
+    monkeypatch.setattr(Sampler, "order", lambda self, e: drawn.append(e) or real(self, e))
+    first = s.ids(0, 600)
+    assert s.ids(0, 1) + s.ids(0, 600)[1:] == first
+    assert sorted(drawn) == list(range(200))
+    assert first == [s(t).id for t in range(600)]
+
+
 def test_sampler_overlap_last_block_is_the_last_rows():
     """last="overlap": the last block is the last b rows (benchopt's clamped slice), full
     size, with weight (n mod b)/n; the stream of block ids is the "short" sampler's."""

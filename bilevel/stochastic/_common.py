@@ -123,7 +123,10 @@ class Sampler:
         self.last = last
         self.n_batches = (self.n + batch_size - 1) // batch_size
         self._blocks = [self._make(k) for k in range(self.n_batches)]
-        self._orders: dict[int, list[int]] = {}  # the last two epochs' orders (look-ahead)
+        # recent epochs' orders: enough for a compiled call's look-ahead (up to ~40K draws:
+        # 1024 iterations of ~20 batches) without redrawing an epoch's permutation
+        self._orders: dict[int, list[int]] = {}
+        self._keep = max(2, -(-40_960 // self.n_batches) + 1)
 
     def start(self, k: int) -> int:
         """First row of block k: k·b, or n − b for an ``"overlap"`` last block."""
@@ -161,7 +164,7 @@ class Sampler:
         epoch, pos = divmod(int(t), self.n_batches)
         order = self._orders.get(epoch)
         if order is None:
-            if len(self._orders) >= 2:
+            if len(self._orders) >= self._keep:
                 self._orders.pop(min(self._orders))
             order = self._orders[epoch] = self.order(epoch)
         return self._blocks[order[pos]]

@@ -68,6 +68,7 @@ __all__ = ["run_compiled", "compiled_lengths", "chunk_lengths", "precompile", "u
 _GRAPHS: dict = {}  # (alg, problem, length or "loop", batch layout) -> compiled function
 _FAILED: set = set()  # (alg, problem) pairs that fell back to eager
 _NO_LOOP: set = set()  # (alg, problem) pairs whose while_loop trace failed: unrolled chunks
+_TOOLCHAIN_OK: set = set()  # (alg, problem, backend, device type) whose compiler was found
 LOOP_CHUNK = 1024  # default iterations per compiled call: loop graphs ...
 UNROLLED_CHUNK = 16  # ... and unrolled ones of one batch per side (graph and compile time grow)
 LOOP_UNROLL = 4  # iterations per while_loop trip, one batch per side (default_unroll)
@@ -193,9 +194,12 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
     unroll = default_unroll(alg) if unroll is None else unroll
     options = dict(options)
     dev = _device(inner)
-    why = compiler_missing(options.get("backend", "inductor"), dev)
-    if why is not None:
-        if (alg, problem) not in _FAILED:
+    backend = options.get("backend", "inductor")
+    if (alg, problem, backend, dev.type) not in _TOOLCHAIN_OK:  # looked up once (~150 µs)
+        why = compiler_missing(backend, dev)
+        if why is None:
+            _TOOLCHAIN_OK.add((alg, problem, backend, dev.type))
+        elif (alg, problem) not in _FAILED:
             _FAILED.add((alg, problem))
             compile_fallback(f"bl.stochastic.run({alg.name})", why)
     done = 0
