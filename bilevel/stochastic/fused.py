@@ -96,9 +96,10 @@ def default_unroll(alg: StochasticAlgorithm) -> int:
     """Iterations per while_loop trip when ``unroll`` is not given: :data:`LOOP_UNROLL` for the
     algorithms of one batch per side and step (SOBA, SABA with copied tables, SRBA), 1 for
     those that draw ~20 (AmIGO, StocBiO, F2SA), whose one-iteration body is already long.
-    Measured (ijcnn1-sized, float32, 1 thread, 2026-12-03), µs per iteration for U = 1 / 4 / 8:
-    SOBA 8.0 / 5.6 / 4.7, SRBA 22 / 12 / 11, SOBA covtype-sized 37 / 30 / 32; AmIGO 67 (U = 1)
-    / 76 (U = 2) with 2.5x the compile time. Compile time grows ~linearly with U."""
+    Measured (float32, 1 thread, 2026-12-03, ``benchmarks/results/loop_unroll/``), µs per
+    iteration for U = 1 / 4 / 8: SOBA ijcnn1-sized 7.7 / 5.0 / 4.4 (compile 15 / 25 / 36 s),
+    SRBA 22 / 13 / 11, SOBA covtype-sized 34 / 30 / 28; AmIGO 67 (U = 1) / 76 (U = 2) with
+    2.5x the compile time. Compile time grows ~linearly with U."""
     return LOOP_UNROLL if sum(alg.batches_per_step) <= 2 else 1
 
 
