@@ -97,3 +97,13 @@ def test_config_grid_reads_benchmark_yml():
         pytest.skip("no benchmark_bilevel checkout")
     grid = bs.config_grid("ijcnn1", "saba")
     assert (0.125, 1.0, {}) in grid and len(grid) == 25
+
+
+def test_sampler_streams_summary_counts_divergence_and_spread():
+    from benchmarks import sampler_streams as ss
+    ok = [[[1.0, 2.0]] * 4, [[1.5, 2.0]] * 4, [[0.5, 2.0]] * 4]
+    bad = [[[1.0, 2.0], [float("nan"), 0.0]], [[1.0, 2.0]] * 4, [[1.2, 2.0]] * 4]
+    out = ss.summarise({"a": ok, "b": bad}, at=2 * ss.EVERY)
+    assert out["a"]["diverged"] == 0 and out["a"][f"spread_at_{2 * ss.EVERY}"] == 0.5
+    assert out["b"]["diverged"] == 1 and out["b"]["diverged_at"] == [2 * ss.EVERY]
+    assert out["b"][f"spread_at_{2 * ss.EVERY}"] == pytest.approx(0.1)  # the NaN seed left out
