@@ -249,6 +249,12 @@ def run_jax(bench, alg_name, params, seed, max_time, eval_freq):
 # ------------------------------------------------------------------------------------------
 # aggregation, table, plots
 # ------------------------------------------------------------------------------------------
+def _ranked(finals) -> list[float]:
+    """Final metrics with a diverged run's NaN as +inf: it reached nothing, and a median over
+    the finite runs alone would hide it."""
+    return [f if math.isfinite(f) else math.inf for f in finals]
+
+
 def _curve(recs, grid, axis):
     """Last metric seen at each grid point (step interpolation); nan before the first, +inf
     from a divergence (a NaN record) on."""
@@ -279,14 +285,11 @@ def summarise(results: list[dict]) -> dict:
         groups.setdefault((r["problem"], r["alg"], r["impl"]), []).append(r)
     summary = {}
     for (prob, alg, impl), runs in groups.items():
-        # a diverged run (its last record NaN) counts as +inf: it reached nothing, and a
-        # median over the finite runs alone would hide it
-        finals = [r["records"][-1][2] for r in runs]
+        finals = _ranked(r["records"][-1][2] for r in runs)
         us = [1e6 * r["records"][-1][1] / max(r["records"][-1][0], 1) for r in runs]
-        diverged = sum(not math.isfinite(f) for f in finals)
         summary[(prob, alg, impl)] = {
-            "final": float(np.median([f if math.isfinite(f) else math.inf for f in finals])),
-            "diverged": diverged, "us_per_it": float(np.median(us)), "runs": runs}
+            "final": float(np.median(finals)), "diverged": finals.count(math.inf),
+            "us_per_it": float(np.median(us)), "runs": runs}
     for prob in {k[0] for k in summary}:
         finals = [v["final"] for k, v in summary.items() if k[0] == prob
                   and math.isfinite(v["final"])]
@@ -474,8 +477,7 @@ def main(argv=None) -> None:
                         print(f"[suite] {prob:15s} {NAMES[alg]:8s} {impl:13s} seed {seed} "
                               f"{params[:2]} its {recs[-1][0]:>9d} final {recs[-1][2]:.4g} "
                               f"({time.perf_counter() - t0:.1f} s wall)", flush=True)
-                    med = float(np.median([f if math.isfinite(f) else math.inf
-                                           for f in (r["records"][-1][2] for r in runs)]))
+                    med = float(np.median(_ranked(r["records"][-1][2] for r in runs)))
                     if best is None or (math.isfinite(med) and not med >= best[0]):
                         best = (med, runs)
                 results.extend(best[1])

@@ -19,33 +19,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from bilevel import stochastic as st
 
 from . import bilevel_jax as bj
-from .bilevel_suite import BEST, cpu_model
+from .bilevel_suite import BEST, build_problems, cpu_model
 
 ITERS, REPEATS = 16_384, 5
 
 
 def bench(prob: str):
-    from bilevel.stochastic import datasets as ds
-    from bilevel.stochastic import problems as pb
-    dt = torch.float32
-    if prob == "ijcnn1":
-        b = pb.logreg_l2(ds.synthetic_ijcnn1(seed=0, dtype=dt), seed=0, dtype=dt)
-    elif prob == "covtype":
-        b = pb.multinomial_l2(ds.synthetic_covtype(seed=0, dtype=dt), dtype=dt)
-    elif prob == "hyper-cleaning":
-        b = pb.hyper_cleaning(ds.digits_hyper_cleaning(ratio=0.5, dtype=dt), dtype=dt)
-    elif prob == "quadratic":
-        b = pb.quadratic_bench(n_inner=32768, n_outer=1024, d=100, p=10, mu=0.1, dtype=dt)
-    else:
-        raise SystemExit(f"loop_unroll: problem {prob!r}: ijcnn1, covtype, hyper-cleaning or "
-                         f"quadratic")
-    return b
+    """The suite's problem ``prob`` (same data and sizes, float32)."""
+    args = SimpleNamespace(problems=[prob], quick=False, ijcnn1=None, covtype=None, mnist=None)
+    return build_problems(args)[prob]
 
 
 def measure(alg_name: str, prob: str, unroll: int) -> dict:

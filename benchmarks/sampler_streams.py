@@ -28,16 +28,15 @@ import json
 import platform
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from bilevel import stochastic as st
-from bilevel.stochastic import datasets as ds
-from bilevel.stochastic import problems as pb
 
 from . import bilevel_jax as bj
-from .bilevel_suite import BEST, cpu_model
+from .bilevel_suite import BEST, build_problems, cpu_model
 
 EVERY = 1024
 SETUPS = ["jax", "jax, shuffled epoch 0", "ours", "ours, ordered epoch 0"]
@@ -158,8 +157,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"sampler_streams needs the benchmark's JAX solvers: {why}")
     torch.set_num_threads(1)
     bj.set_x64(False)
-    bench = pb.multinomial_l2(ds.synthetic_covtype(seed=0, dtype=torch.float32),
-                              dtype=torch.float32)
+    bench = build_problems(SimpleNamespace(problems=["covtype"], quick=False, ijcnn1=None,
+                                           covtype=None, mnist=None))["covtype"]
     params = BEST["covtype"]["srba"]
     n_in, n_out = bench.inner_data[0].shape[0], bench.outer_data[0].shape[0]
     alg = bj.torch_algorithm("srba", params[0], params[1], n_in, n_out, 64, **params[2])

@@ -87,8 +87,7 @@ def loop_alg(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any
     are small), or None: unrolled chunks (also once a loop trace of (alg, problem) failed)."""
     if (alg, problem) in _NO_LOOP:
         return None
-    form = alg.loop_form(state) if hasattr(alg, "loop_form") else (
-        alg if getattr(alg, "loop_compatible", True) else None)
+    form = alg.loop_form(state)
     return None if form is None or (form, problem) in _NO_LOOP else form
 
 
@@ -204,11 +203,11 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
             _FAILED.add((alg, problem))
             compile_fallback(f"bl.stochastic.run({alg.name})", why)
     done = 0
+    form = loop_alg(alg, problem, state)  # changes only when a loop trace fails (below)
     while done < n_steps:
         t = int(state.t)
         until_callback = (every - t % every) if callback is not None else n_steps - done
         room = min(n_steps - done, until_callback)
-        form = loop_alg(alg, problem, state)
         plan, loop = None, form is not None
         if (alg, problem) in _FAILED:
             pass
@@ -229,6 +228,7 @@ def run_compiled(alg: StochasticAlgorithm, problem: BilevelProblem, state: Any, 
                                  options, draws, dev, _chunk(chunk, True, alg) if loop else None,
                                  unroll)
             if out is None:  # the trace failed: fall back (warned) and redo this iteration
+                form = loop_alg(alg, problem, state)
                 continue
             state = out
         done += length

@@ -152,7 +152,7 @@ class SABA(StochasticAlgorithm):
                    if isinstance(leaf, torch.Tensor))
         if size > LOOP_TABLE_BYTES:
             return None
-        twin = self.__dict__.get("_copying")
+        twin = getattr(self, "_copying", None)
         if twin is None:  # one twin per algorithm object: its compiled graphs are reused
             twin = copy.copy(self)
             twin.inplace = False
