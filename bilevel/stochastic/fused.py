@@ -16,7 +16,7 @@ the graph from block numbers, in one of two forms:
   (and its compile time) does not grow with ``chunk`` (default :data:`LOOP_CHUNK`), and on CPU
   inductor's C++ wrapper (``cpp_wrapper``, on by default here) runs the loop without returning
   to Python between iterations. U steps per trip let the compiler reuse buffers and fuse
-  across steps (fewer allocations per iteration); default :func:`default_unroll`.
+  across steps (measured faster per iteration); default :func:`default_unroll`.
 - UNROLLED (SABA with in-place SAGA tables of more than 1 MiB, which a while_loop body may
   not update: smaller tables loop with copied tables, ``SABA.loop_form``; or an algorithm
   whose loop trace failed: one warning): the step traced L times in a row,

@@ -120,7 +120,7 @@ def make_loop(alg: StochasticAlgorithm, problem: BilevelProblem, spec: Any,
     """``fn(leaves, inner_data, outer_data, inner_ids (C, n_in), outer_ids (C, n_out), count)``:
     ``count`` (0-d int64, ≤ C) iterations, iteration i on the blocks of row i; ``leaves`` are
     the state's tensors (``spec`` its structure). ``unroll`` = U > 1: a first while_loop takes U
-    iterations per trip (i ← i + U while i + U ≤ count; the compiler reuses buffers and fuses
+    iterations per trip (i ← i + U while i + U ≤ count; the compiler can reuse buffers and fuse
     across the U steps), a second the count mod U left, one per trip."""
     from torch._higher_order_ops.while_loop import while_loop
     from torch.utils._pytree import tree_flatten, tree_unflatten
